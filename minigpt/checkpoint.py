@@ -1,0 +1,100 @@
+"""Self-describing checkpoints that never tear.
+
+One file holds everything sampling and resuming need: a format marker and version, the plain
+module's weights (never a compiled or DDP-wrapped module's prefixed keys), the optimizer, the
+step, every RNG state that feeds batches and dropout, the resolved config, the tokenizer's
+vocabulary, the best validation loss and where the data came from. Only plain types and
+tensors are stored, so `torch.load(weights_only=True)` reads it.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
+renamed over the old one: a process killed at any moment leaves the previous file intact.
+A run directory keeps two: `last.pt` (resume from here) and `best.pt` (lowest val loss).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.errors import CheckpointError
+
+FORMAT = "minigpt-checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("format", "version", "model", "config", "tokenizer", "step")
+LAST, BEST = "last.pt", "best.pt"
+
+
+def clean_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the plain module, unwrapped from DDP (`module.`) and torch.compile (`_orig_mod.`)."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or getattr(module, "_orig_mod")
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: temporary file, flush, fsync, rename over `path`."""
+    path = Path(path)
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        previous = " (the previous checkpoint there is intact)" if path.exists() else ""
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {exc.strerror or exc}{previous}; "
+            "free some disk space or choose a writable --out-dir"
+        ) from exc
+
+
+def resolve(path: str | Path, prefer: str = BEST) -> Path:
+    """A checkpoint file from a file or a run directory (`prefer` first, then the other one)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoint file or a run directory")
+    if path.is_dir():
+        for name in (prefer, LAST if prefer == BEST else BEST):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"run directory {path} holds no checkpoint ({BEST} or {LAST}); train first or pass another run")
+    return path
+
+
+def load(path: str | Path, prefer: str = BEST, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a checkpoint; every way it can be unreadable becomes a CheckpointError."""
+    file = resolve(path, prefer)
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {file} is empty (0 bytes); use another checkpoint")
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {file} cannot be read: it is truncated or not a minigpt checkpoint ({str(exc).splitlines()[0][:120]})"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a minigpt checkpoint (no '{FORMAT}' marker)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {file} has format version {payload.get('version')}, this minigpt reads version {VERSION}; "
+            "use the minigpt release that wrote it"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {file} is missing {', '.join(missing)}; it is damaged, use another one")
+    payload["path"] = str(file)
+    return payload

@@ -1,0 +1,309 @@
+"""Typed run configuration: one dataclass per YAML section, strictly validated.
+
+A run is described completely by one YAML file with the sections `model`, `data` and `train`.
+The dataclasses below are the single source of every default. Loading is strict: an unknown
+key, a wrong type or an impossible value is reported (all of them together) with the file, the
+dotted key and, for typos, the closest valid key. Command-line overrides (`--set
+train.learning_rate=3e-4`) go through the same validator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from minigpt.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT. Changing any of these makes a different network (resume refuses it)."""
+
+    n_layer: int = 4  # number of transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # width of the residual stream (channels, C)
+    block_size: int = 64  # context length in characters (T at most)
+    dropout: float = 0.0  # dropout probability on embeddings, attention weights and residuals
+    bias: bool = True  # biases in Linear layers and LayerNorms
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is split."""
+
+    path: Union[str, list[str]] = ""  # file, directory, glob, or list of them; "" = Tiny Shakespeare
+    val_fraction: float = 0.1  # fraction of the corpus (its tail) held out for validation
+    encoding: str = "utf-8"  # text encoding of the corpus
+    errors: Literal["strict", "replace", "ignore"] = "strict"  # what to do with undecodable bytes
+    prepared_dir: str = "data/prepared"  # where token arrays and vocabulary are written
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, evaluation, and where the run is written."""
+
+    seed: int = 1337  # seeds weights, batches and dropout: same config, same losses (on CPU)
+    batch_size: int = 12  # sequences per micro-step (global, over all processes)
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    max_iters: int = 2000  # optimizer steps in the whole run
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # steps of linear warmup from 0 to learning_rate
+    lr_decay_iters: int = 0  # step at which the cosine reaches min_lr; 0 = max_iters
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.99  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    eval_interval: int = 250  # evaluate (and checkpoint) every this many steps
+    eval_iters: int = 20  # batches per split averaged at each evaluation
+    log_interval: int = 10  # steps between TensorBoard scalar writes
+    sample_chars: int = 200  # characters of text sample logged at each evaluation (0 = none)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to train
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast precision
+    compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile the model
+    fused_attention: bool = True  # F.scaled_dot_product_attention instead of the explicit path
+    threads: int = 0  # CPU threads for torch; 0 = one per physical core
+    out_dir: str = ""  # run directory; "" = runs/<config file name>
+
+
+@dataclass
+class Config:
+    """A whole run: the three sections plus the name the run directory is derived from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "run"  # run name, by default the config file's stem
+
+    def run_dir(self) -> Path:
+        """The directory this run writes its config, checkpoints and event files to."""
+        return Path(self.train.out_dir) if self.train.out_dir else Path("runs") / self.name
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# ----------------------------------------------------------------------------- type checking
+
+def _type_name(tp: Any) -> str:
+    """A readable name for a field type, e.g. 'int', 'one of strict, replace, ignore'."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise TypeError. Ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise TypeError
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean {prefix}{close[0]}?)" if close else f" (valid keys: {', '.join(valid)})"
+
+
+def _fill_section(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
+    """Build one section's dataclass from a YAML mapping, appending problems instead of raising."""
+    obj = cls()
+    if raw is None:
+        return obj
+    if not isinstance(raw, dict):
+        problems.append(f"{section}: expected a mapping of keys to values, got {raw!r}")
+        return obj
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in raw.items():
+        if key not in hints:
+            problems.append(f"unknown key {section}.{key}" + _suggest(str(key), names, section + "."))
+            continue
+        try:
+            setattr(obj, key, _coerce(value, hints[key]))
+        except TypeError:
+            problems.append(f"{section}.{key} must be {_type_name(hints[key])}, got {value!r}")
+    return obj
+
+
+def _check_rules(cfg: Config, problems: list[str]) -> None:
+    """Cross-field and range rules, checked once at load."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    for key, value in [("model.n_layer", m.n_layer), ("model.n_head", m.n_head),
+                       ("model.n_embd", m.n_embd), ("model.block_size", m.block_size),
+                       ("train.batch_size", t.batch_size), ("train.max_iters", t.max_iters),
+                       ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                       ("train.eval_interval", t.eval_interval), ("train.eval_iters", t.eval_iters),
+                       ("train.log_interval", t.log_interval)]:
+        if value <= 0:
+            problems.append(f"{key} must be positive, got {value}")
+    for key, value in [("train.warmup_iters", t.warmup_iters), ("train.lr_decay_iters", t.lr_decay_iters),
+                       ("train.sample_chars", t.sample_chars), ("train.threads", t.threads),
+                       ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
+                       ("train.min_lr", t.min_lr)]:
+        if value < 0:
+            problems.append(f"{key} must not be negative, got {value}")
+    if m.n_head > 0 and m.n_embd % m.n_head != 0:
+        problems.append(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if not 0.0 <= m.dropout < 1.0:
+        problems.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 < d.val_fraction < 1.0:
+        problems.append(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    for key, value in [("train.beta1", t.beta1), ("train.beta2", t.beta2)]:
+        if not 0.0 <= value < 1.0:
+            problems.append(f"{key} must be in [0, 1), got {value}")
+    if t.learning_rate <= 0:
+        problems.append(f"train.learning_rate must be positive, got {t.learning_rate}")
+    if t.min_lr > t.learning_rate:
+        problems.append(f"train.min_lr ({t.min_lr}) must not exceed train.learning_rate ({t.learning_rate})")
+    if t.warmup_iters > t.max_iters:
+        problems.append(f"train.warmup_iters ({t.warmup_iters}) must not exceed train.max_iters ({t.max_iters})")
+    try:
+        "".encode(d.encoding)
+    except LookupError:
+        problems.append(f"data.encoding: unknown text encoding {d.encoding!r} (try utf-8)")
+
+
+def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:
+    """Validate a plain mapping (as read from YAML) into a Config; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}")
+    sections = {}
+    for key in raw:
+        if key not in SECTIONS and key != "name":
+            problems.append(f"unknown section {key!r}" + _suggest(str(key), list(SECTIONS), ""))
+    for section, cls in SECTIONS.items():
+        sections[section] = _fill_section(cls, raw.get(section), section, problems)
+    if "name" in raw:
+        if isinstance(raw["name"], str) and raw["name"]:
+            name = raw["name"]
+        else:
+            problems.append(f"name must be a non-empty string, got {raw['name']!r}")
+    cfg = Config(name=name, **sections)
+    if not problems:
+        _check_rules(cfg, problems)
+    if problems:
+        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+        raise ConfigError(f"{source}: {count}: " + "; ".join(problems))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split 'section.key=value' into its parts; the value is parsed as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.learning_rate=3e-4")
+    dotted, value_text = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.max_iters=100")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "3e-4" as a string; users mean a number
+    return parts[0], parts[1], value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in {"nan", "inf", "-inf", "+inf", "infinity"}
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw YAML mapping with `--set` overrides applied (validated later)."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if not isinstance(merged.get(section), dict):
+            merged[section] = {}
+        merged[section][key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a config file, turning every way it can fail into a ConfigError naming the path."""
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, e.g. configs/tiny.yaml")
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a directory; pass a YAML file inside it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model, data, train; got {type(raw).__name__}")
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, override and validate a config file; the run name defaults to the file's stem."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return from_dict(raw, source=str(path), name=path.stem)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (for YAML, checkpoints and TensorBoard)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    """The resolved config as YAML text, in section order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,272 @@
+"""From a text corpus to (x, y) training windows.
+
+1. `resolve_sources` turns `data.path` (a file, a directory, a glob, a list of them, or "" for
+   Tiny Shakespeare) into a list of files.
+2. `prepare` streams those files twice in fixed-size chunks, so memory stays bounded at any
+   corpus size: the first pass builds the vocabulary and counts characters, the second encodes
+   into two flat memory-mapped token arrays, `train.bin` and `val.bin` (the contiguous tail, so
+   validation text is never seen in training), plus `meta.json` with the vocabulary.
+3. `get_batch` reads `block_size + 1` characters at random offsets from a memory-mapped array:
+   `x = ids[i : i+block_size]`, `y = ids[i+1 : i+1+block_size]` (y is x shifted by one).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import json
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from minigpt.config import DataConfig
+from minigpt.errors import DataError
+from minigpt.tokenizer import CharTokenizer, codepoints_of, smallest_dtype
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINY_SHAKESPEARE_NAME = "tinyshakespeare.txt"
+CHUNK_BYTES = 8 * 1024 * 1024  # bytes read per chunk while preparing
+META_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- the default corpus
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_corpus(data_dir: Path = Path("data")) -> Path:
+    """Find Tiny Shakespeare in $MINIGPT_DATA_DIR or data/, or fetch it into data/ and verify its hash."""
+    env_dir = os.environ.get("MINIGPT_DATA_DIR")
+    candidates = ([Path(env_dir) / TINY_SHAKESPEARE_NAME] if env_dir else []) + [data_dir / TINY_SHAKESPEARE_NAME]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    target = data_dir / TINY_SHAKESPEARE_NAME
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as response:
+            payload = response.read()
+    except OSError as exc:
+        raise DataError(
+            f"Tiny Shakespeare is not in {' or '.join(str(c.parent) for c in candidates)} and could not be "
+            f"downloaded ({exc}); download {TINY_SHAKESPEARE_URL} to {target} yourself, "
+            "set MINIGPT_DATA_DIR to a directory holding tinyshakespeare.txt, or set data.path"
+        ) from exc
+    if hashlib.sha256(payload).hexdigest() != TINY_SHAKESPEARE_SHA256:
+        raise DataError(f"the downloaded Tiny Shakespeare does not match its sha256 {TINY_SHAKESPEARE_SHA256}; try again")
+    tmp = target.with_suffix(".part")
+    tmp.write_bytes(payload)
+    os.replace(tmp, target)
+    return target
+
+
+# ----------------------------------------------------------------------------- finding the files
+
+def _expand(entry: str) -> list[Path]:
+    path = Path(entry).expanduser()
+    if any(ch in entry for ch in "*?["):
+        matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+        if not matches:
+            raise DataError(f"data.path pattern {entry!r} matches no files; check the pattern")
+        return matches
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise DataError(f"corpus path {path} is a directory with no files in it; point data.path at a text file")
+        return files
+    if not path.exists():
+        raise DataError(f"corpus file {path} does not exist; set data.path to an existing text file")
+    return [path]
+
+
+def resolve_sources(data: DataConfig) -> list[Path]:
+    """The files that make up the corpus, in order."""
+    entries = data.path if isinstance(data.path, list) else [data.path]
+    if entries in ([], [""]):
+        return [default_corpus()]
+    files: list[Path] = []
+    for entry in entries:
+        files.extend(_expand(entry))
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"corpus file {f} is empty; put some text in it or point data.path elsewhere")
+    return files
+
+
+# ----------------------------------------------------------------------------- streaming passes
+
+def _decoded_chunks(files: list[Path], data: DataConfig, on_bytes: Callable[[int], None] | None = None):
+    """Yield (file, raw bytes, decoded text) chunk by chunk; decoding errors name the byte offset."""
+    for path in files:
+        decoder = codecs.getincrementaldecoder(data.encoding)(errors=data.errors)
+        offset = 0
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(CHUNK_BYTES)
+                final = len(raw) < CHUNK_BYTES
+                try:
+                    pending = len(decoder.getstate()[0])
+                    text = decoder.decode(raw, final=final)
+                except UnicodeDecodeError as exc:
+                    at = offset - pending + exc.start
+                    raise DataError(
+                        f"{path} is not valid {data.encoding}: undecodable byte at offset {at} ({exc.reason}); "
+                        "convert the file to UTF-8, or set data.errors to replace or ignore"
+                    ) from exc
+                offset += len(raw)
+                if on_bytes:
+                    on_bytes(len(raw))
+                yield path, raw, text
+                if final:
+                    break
+
+
+@dataclass
+class Prepared:
+    """A prepared corpus: its directory, vocabulary and token arrays on disk."""
+
+    directory: Path
+    tokenizer: CharTokenizer
+    meta: dict
+
+    def tokens(self, split: str) -> np.memmap:
+        """The memory-mapped token array of 'train' or 'val'."""
+        return np.memmap(self.directory / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+
+
+def _fingerprint(files: list[Path], data: DataConfig) -> dict:
+    return {
+        "version": META_VERSION,
+        "sources": [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files],
+        "val_fraction": data.val_fraction,
+        "encoding": data.encoding,
+        "errors": data.errors,
+    }
+
+
+def prepared_dir_for(files: list[Path], data: DataConfig) -> Path:
+    """Where a corpus's prepared arrays live: a name from the first file plus a hash of all paths."""
+    key = hashlib.sha256("\n".join(str(f.resolve()) for f in files).encode()).hexdigest()[:10]
+    return Path(data.prepared_dir) / f"{files[0].stem}-{key}"
+
+
+def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], None] | None = None,
+            force: bool = False) -> Prepared:
+    """Encode the corpus into train/val token arrays, or reuse them if the sources are unchanged.
+
+    `progress(done_bytes, total_bytes)` is called as the two passes advance (each pass counts half).
+    """
+    files = resolve_sources(data)
+    out = prepared_dir_for(files, data)
+    fingerprint = _fingerprint(files, data)
+    meta_path = out / "meta.json"
+    if not force and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("fingerprint") == fingerprint and (out / "train.bin").is_file() and (out / "val.bin").is_file():
+            prepared = Prepared(out, CharTokenizer.from_dict(meta["tokenizer"]), meta)
+            check_lengths(prepared, block_size)
+            return prepared
+
+    total = sum(f.stat().st_size for f in files)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, 2 * total)
+
+    # Pass 1: vocabulary (a histogram over all code points), character count, and content hash.
+    counts = np.zeros(0x110000, dtype=np.int64)
+    digest = hashlib.sha256()
+    for _, raw, text in _decoded_chunks(files, data, advance):
+        digest.update(raw)
+        if text:
+            counts += np.bincount(codepoints_of(text), minlength=0x110000)
+    n_chars = int(counts.sum())
+    if n_chars == 0:
+        raise DataError(f"corpus {files[0]} holds no characters after decoding; point data.path at a text file")
+    tokenizer = CharTokenizer(chr(cp) for cp in np.flatnonzero(counts))
+    dtype = smallest_dtype(tokenizer.vocab_size)
+    n_val = max(1, int(round(n_chars * data.val_fraction)))
+    n_train = n_chars - n_val
+
+    # Pass 2: encode into the two memory-mapped arrays (written under temporary names, then renamed).
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, length in (("train", n_train), ("val", n_val)):
+        tmp = out / f"{split}.bin.tmp"
+        arrays[split] = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(length, 1),)) if length else None
+    position = 0
+    for _, _, text in _decoded_chunks(files, data, advance):
+        ids = tokenizer.encode_array(text).astype(dtype)
+        for split, start, stop in (("train", 0, n_train), ("val", n_train, n_chars)):
+            lo, hi = max(position, start), min(position + len(ids), stop)
+            if lo < hi:
+                arrays[split][lo - start:hi - start] = ids[lo - position:hi - position]
+        position += len(ids)
+    for split in ("train", "val"):
+        if arrays[split] is not None:
+            arrays[split].flush()
+        del arrays[split]
+        os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
+
+    meta = {
+        "fingerprint": fingerprint,
+        "tokenizer": tokenizer.to_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+        "source_bytes": total,
+        "source_sha256": digest.hexdigest(),
+        "sources": [str(f) for f in files],
+    }
+    tmp_meta = out / "meta.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    os.replace(tmp_meta, meta_path)
+    prepared = Prepared(out, tokenizer, meta)
+    check_lengths(prepared, block_size)
+    return prepared
+
+
+def check_lengths(prepared: Prepared, block_size: int) -> None:
+    """Both splits must hold at least one window of block_size + 1 characters."""
+    need = block_size + 1
+    for split in ("train", "val"):
+        have = prepared.meta[f"{split}_tokens"]
+        if have < need:
+            raise DataError(
+                f"the {split} split of {prepared.meta['sources'][0]} has {have} characters but model.block_size "
+                f"{block_size} needs at least {need}; use a longer corpus, a smaller model.block_size"
+                + (", or a larger data.val_fraction" if split == "val" else "")
+            )
+
+
+# ----------------------------------------------------------------------------- batches
+
+def sample_offsets(n_tokens: int, block_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Random start positions of `batch_size` windows, drawn from a seeded generator."""
+    return torch.randint(n_tokens - block_size, (batch_size,), generator=generator)
+
+
+def get_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the windows at `offsets`: x = ids[i : i+block_size], y = ids[i+1 : i+1+block_size]."""
+    rows = np.stack([tokens[i:i + block_size + 1] for i in offsets.tolist()]).astype(np.int64)
+    window = torch.from_numpy(rows)  # (B, block_size + 1)
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()

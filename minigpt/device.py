@@ -1,0 +1,88 @@
+"""Choosing where and how to compute: device, autocast dtype, torch.compile, CPU threads.
+
+`auto` settings resolve here, once, to concrete choices that are correct and fast on the
+hardware at hand. The CPU choices were measured with `minigpt bench` (see README, Results).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from minigpt.errors import DeviceError
+
+
+def available_devices() -> list[str]:
+    """The device kinds this machine can use, best first."""
+    found = []
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found + ["cpu"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; an unavailable device is a DeviceError listing what is."""
+    available = available_devices()
+    if name == "auto":
+        return torch.device(available[0])
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unknown device {name!r}; choose one of auto, {', '.join(available)}")
+    if kind not in available:
+        raise DeviceError(f"device {name!r} is not available on this machine; available: {', '.join(available)} (or auto)")
+    if kind == "cuda" and ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    """The resolved numeric setup of a run."""
+
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    use_scaler: bool  # float16 needs loss scaling against gradient underflow
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def autocast(self, device: torch.device):
+        """A context manager running the forward pass in this precision."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """'auto': bfloat16 on CUDA where supported (else float16 with loss scaling); float32 on CPU and MPS.
+
+    On CPU, bf16 autocast was measured slower than float32 on a 2-core AVX-512 machine without
+    AMX (bf16 matmul peaks lower there), so auto keeps float32; set train.dtype=bfloat16 to try it.
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            name = "float32"
+    if name == "float16" and device.type != "cuda":
+        raise DeviceError(f"train.dtype float16 needs a CUDA device (this run uses {device.type}); use bfloat16 or float32")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return Precision(dtype=dtype, use_scaler=dtype == torch.float16)
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """'auto' compiles on CUDA and CPU (measured faster within the CPU budget), not on MPS."""
+    if setting == "auto":
+        return device.type in ("cuda", "cpu")
+    return bool(setting)
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's CPU thread count (0 keeps torch's default of one per physical core); return it."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -1,0 +1,57 @@
+"""User-facing errors.
+
+Everything a user can get wrong (a config typo, a missing corpus, a bad checkpoint, an unknown
+character in a prompt) raises a subclass of `MiniGPTError` whose message says what is wrong,
+where, and how to fix it. Only `minigpt.cli` catches these: it prints the message as one line on
+stderr and exits with the error's `exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class MiniGPTError(Exception):
+    """Base class of every error caused by user input rather than by a bug."""
+
+    exit_code = 1
+
+
+class ConfigError(MiniGPTError):
+    """A config file or override is missing, malformed, or inconsistent."""
+
+    exit_code = 2
+
+
+class DataError(MiniGPTError):
+    """A corpus cannot be read, decoded, or is too small for the model."""
+
+    exit_code = 3
+
+
+class CheckpointError(MiniGPTError):
+    """A checkpoint is missing, truncated, not a checkpoint, incompatible, or cannot be written."""
+
+    exit_code = 4
+
+
+class DeviceError(MiniGPTError):
+    """The requested device (or launch layout) is not available on this machine."""
+
+    exit_code = 5
+
+
+class PromptError(MiniGPTError):
+    """A prompt or a sampling option cannot be used with this model."""
+
+    exit_code = 6
+
+
+class TrainingError(MiniGPTError):
+    """Training had to stop (for example: the loss became NaN or infinite)."""
+
+    exit_code = 7
+
+
+class Interrupted(MiniGPTError):
+    """Training was stopped by a signal after saving a checkpoint."""
+
+    exit_code = 130

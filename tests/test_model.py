@@ -1,0 +1,83 @@
+import torch
+
+from minigpt.config import ModelConfig
+from minigpt.model import GPT
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, dropout=0.0, **kw)
+    return GPT(cfg, vocab_size=11).eval()
+
+
+def test_explicit_attention_equals_fused():
+    model = make()
+    idx = torch.randint(0, 11, (3, 16))
+    fused, _ = model(idx)
+    model.set_fused_attention(False)
+    explicit, _ = model(idx)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    assert not torch.equal(fused, torch.zeros_like(fused))
+
+
+def test_future_tokens_do_not_change_past_logits():
+    model = make()
+    idx = torch.randint(0, 11, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 11
+    for fused in (True, False):
+        model.set_fused_attention(fused)
+        a, _ = model(idx)
+        b, _ = model(changed)
+        assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6)
+        assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-3)
+
+
+def test_attention_weights_rows_sum_to_one_and_are_causal():
+    model = make()
+    maps = model.attention_maps(torch.randint(0, 11, (2, 10)))
+    assert len(maps) == 2 and maps[0].shape == (2, 4, 10, 10)
+    for w in maps:
+        assert torch.allclose(w.sum(-1), torch.ones(2, 4, 10), atol=1e-6)
+        assert torch.all(torch.triu(w, diagonal=1) == 0)
+
+
+def test_weights_are_tied_and_residual_projections_scaled():
+    model = make()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    proj = model.transformer.h[0].attn.c_proj.weight.std().item()
+    fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert proj < fc * 0.7  # 0.02 / sqrt(2 * n_layer) = 0.01 vs 0.02
+
+
+def test_loss_is_mean_cross_entropy_and_near_log_vocab_at_init():
+    model = make()
+    idx, targets = torch.randint(0, 11, (4, 16)), torch.randint(0, 11, (4, 16))
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
+    assert torch.allclose(loss, expected)
+    assert abs(loss.item() - torch.log(torch.tensor(11.0)).item()) < 0.3
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = make().train()
+    idx = torch.randint(0, 11, (4, 17))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(200):
+        _, loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 < first
+
+
+def test_optimizer_groups_decay_matrices_only():
+    model = make()
+    decay, no_decay = model.optimizer_groups(0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

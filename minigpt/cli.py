@@ -78,6 +78,19 @@ def _device(name: str):
     return resolve_device(name)
 
 
+def _train_args(config: Path, out_dir: Optional[Path], device: Optional[str], set_: Optional[List[str]],
+                resume: Optional[str], overwrite: bool) -> list[str]:
+    """The `minigpt` arguments that repeat this train command (without --nproc) in each torchrun process."""
+    args = (["--debug"] if _state["debug"] else []) + ["train", "--config", str(config)]
+    args += ["--out-dir", str(out_dir)] if out_dir else []
+    args += ["--device", device] if device else []
+    for item in set_ or []:
+        args += ["--set", item]
+    args += [f"--resume={resume}"] if resume else []
+    args += ["--overwrite"] if overwrite else []
+    return args
+
+
 @app.command()
 @user_errors
 def train(
@@ -91,9 +104,13 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="Number of data-parallel processes (launches torchrun when > 1)."),
 ) -> None:
     """Train a model from a YAML config (prepares the data first if needed)."""
+    from minigpt.distributed import check_launch, launch
     from minigpt.train import train as run_training
 
     cfg = _load_config(config, set_, device, out_dir)
+    check_launch(nproc, cfg.train.device, cfg.train.batch_size)
+    if nproc > 1:
+        raise typer.Exit(launch(nproc, _train_args(config, out_dir, device, set_, resume, overwrite)))
     hint = f"minigpt train --config {config} --resume" + (f" --out-dir {out_dir}" if out_dir else "")
     run_training(cfg, resume=True if resume == "last" else (resume or False), overwrite=overwrite, resume_hint=hint)
 
@@ -165,3 +182,133 @@ def config_show(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt) ->
     from minigpt.config import dump
 
     typer.echo(dump(_load_config(config, set_)), nl=False)
+
+
+# ----------------------------------------------------------------------------- seeing inside the model
+
+UnknownOpt = typer.Option("error", "--unknown", help="Characters outside the vocabulary: error, skip or replace.")
+StrideOpt = typer.Option(None, "--stride", help="Window advance in characters (default block_size // 2; 1 = full context everywhere).")
+InspectDeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+
+
+def _load_for_inspection(checkpoint: Path, device: str, unknown: str):
+    from minigpt.errors import PromptError
+    from minigpt.sample import load_model
+
+    if unknown not in ("error", "skip", "replace"):
+        raise PromptError(f"--unknown must be error, skip or replace, got {unknown!r}")
+    return load_model(str(checkpoint), _device(device))
+
+
+@app.command()
+@user_errors
+def attention(
+    checkpoint: Path = CheckpointOpt,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text whose attention weights are drawn (its last block_size characters)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Draw only this layer (0-based; default: all)."),
+    head: Optional[int] = typer.Option(None, "--head", help="Draw only this head (0-based; default: all)."),
+    device: str = InspectDeviceOpt,
+    unknown: str = UnknownOpt,
+) -> None:
+    """Draw the causal attention weights of a prompt: one heatmap per layer and head."""
+    from minigpt import evaluate, viz
+
+    loaded = _load_for_inspection(checkpoint, device, unknown)
+    result = evaluate.attention(loaded, prompt, layer, head, unknown)
+    if result.dropped:
+        typer.echo(f"note: the prompt is longer than block_size {loaded.config.model.block_size}; "
+                   f"drawing its last {len(result.chars)} characters", err=True)
+    figure = viz.attention_figure(result.chars, result.maps, title=f"attention of {loaded.payload['path']}")
+    typer.echo(f"wrote {viz.save_figure(figure, out)}", err=True)
+
+
+@app.command()
+@user_errors
+def surprise(
+    checkpoint: Path = CheckpointOpt,
+    text: Optional[str] = typer.Option(None, "--text", help="Text to score."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Text file to score (instead of --text)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the coloured text to FILE.html or FILE.png."),
+    stride: Optional[int] = StrideOpt,
+    device: str = InspectDeviceOpt,
+    unknown: str = UnknownOpt,
+) -> None:
+    """Score each character in bits (-log2 p); print the mean bits per character."""
+    from minigpt import evaluate, viz
+    from minigpt.errors import DataError, PromptError
+
+    if (text is None) == (file is None):
+        raise PromptError("pass exactly one of --text TEXT or --file FILE")
+    if out is not None and out.suffix.lower() not in (".html", ".htm", ".png"):
+        raise DataError(f"--out {out}: the surprise view is written as .html or .png")
+    loaded = _load_for_inspection(checkpoint, device, unknown)
+    if file is not None:
+        try:
+            text = file.read_text(encoding=loaded.config.data.encoding, errors=loaded.config.data.errors)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read --file {file}: {exc}") from exc
+    result = evaluate.surprise(loaded, text, stride, unknown)
+    if out is not None and out.suffix.lower() == ".png":
+        viz.save_figure(viz.surprise_figure(result.chars, result.bits), out)
+    elif out is not None:
+        viz.write_text(out, viz.surprise_html(result.chars, result.bits, title=f"surprise of {loaded.payload['path']}"))
+    if out is not None:
+        typer.echo(f"wrote {out}", err=True)
+    typer.echo(f"{result.mean_bits:.4f} bits/char over {len(result.bits)} characters")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    checkpoint: Path = CheckpointOpt,
+    file: Optional[Path] = typer.Option(None, "--file", help="Text file to score."),
+    split: Optional[str] = typer.Option(None, "--split", help="Score the train or val split the model was trained on (default: val)."),
+    stride: Optional[int] = StrideOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    device: str = InspectDeviceOpt,
+    unknown: str = UnknownOpt,
+) -> None:
+    """Exact bits per character over a whole file or split (every character scored once)."""
+    import json
+
+    from minigpt import evaluate
+    from minigpt.errors import PromptError
+
+    if file is not None and split is not None:
+        raise PromptError("pass either --file FILE or --split val, not both")
+    loaded = _load_for_inspection(checkpoint, device, unknown)
+    if file is not None:
+        result = evaluate.evaluate_file(loaded, file, stride, unknown)
+    else:
+        result = evaluate.evaluate_split(loaded, split or "val", stride)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo(f"{result.source}: {result.bpc:.4f} bits/char (loss {result.loss:.4f} nats) over "
+                   f"{result.characters:,} characters (block_size {result.block_size}, stride {result.stride})")
+
+
+@app.command()
+@user_errors
+def info(checkpoint: Path = CheckpointOpt) -> None:
+    """Print what a checkpoint holds: config, size, vocabulary, step, best val loss, data (YAML)."""
+    import yaml
+
+    from minigpt import evaluate
+
+    loaded = _load_for_inspection(checkpoint, "cpu", "error")
+    typer.echo(yaml.safe_dump(evaluate.describe(loaded), sort_keys=False, allow_unicode=True), nl=False)
+
+
+@app.command()
+@user_errors
+def plot(
+    run: Path = typer.Option(..., "--run", help="Run directory holding TensorBoard event files."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+) -> None:
+    """Draw the train and validation loss curves of a run from its TensorBoard event files."""
+    from minigpt import viz
+
+    figure = viz.loss_figure(viz.read_scalars(run), title=f"loss of {run}")
+    typer.echo(f"wrote {viz.save_figure(figure, out)}", err=True)

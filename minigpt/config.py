@@ -69,6 +69,7 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast precision
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile the model
     fused_attention: bool = True  # F.scaled_dot_product_attention instead of the explicit path
+    histograms: bool = False  # log weight and gradient histograms to TensorBoard at each evaluation
     threads: int = 0  # CPU threads for torch; 0 = one per physical core
     out_dir: str = ""  # run directory; "" = runs/<config file name>
 
@@ -224,8 +225,7 @@ def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:
         else:
             problems.append(f"name must be a non-empty string, got {raw['name']!r}")
     cfg = Config(name=name, **sections)
-    if not problems:
-        _check_rules(cfg, problems)
+    _check_rules(cfg, problems)  # fields with a wrong type kept their defaults, so this is safe
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
         raise ConfigError(f"{source}: {count}: " + "; ".join(problems))

@@ -1,7 +1,9 @@
 """What a run shows: TensorBoard event files and console progress on stderr.
 
 TensorBoard tags are namespaced: `train/loss`, `val/loss`, `val/bpc`, `opt/lr`, `opt/grad_norm`,
-`perf/tokens_per_sec`, and a `samples/text` entry at each evaluation. On resume the writer is
+`perf/tokens_per_sec`, a `samples/text` entry and an `attention/probe` image at each evaluation,
+optional `weights/...` and `grads/...` histograms, and the hyperparameters with the final
+metrics (`hparams/best_val_loss`, `hparams/best_val_bpc`) at the end. On resume the writer is
 opened with `purge_step`, so points logged after the checkpoint by the interrupted process are
 hidden and the curves continue without overlaps. stdout is never used here: it carries results.
 """
@@ -10,8 +12,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 def log(message: str) -> None:
@@ -27,6 +34,7 @@ class Tracker:
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self._said_no_matplotlib = False
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
@@ -46,6 +54,42 @@ class Tracker:
         if self.writer:
             self.writer.add_text(tag, "```\n" + text + "\n```", step)
 
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """Log an RGB image array (H, W, 3) of uint8 (shown in TensorBoard's Images tab)."""
+        if self.writer:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def histograms(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Log a histogram of each tensor's values (shown in TensorBoard's Histograms tab)."""
+        if self.writer:
+            for tag, tensor in tensors.items():
+                self.writer.add_histogram(tag, tensor.detach().float().cpu(), step)
+
+    def attention(self, step: int, tag: str, model: torch.nn.Module, ids: list[int], chars: list[str]) -> None:
+        """Log a probe text's attention maps (every layer and head) as one image; skipped without matplotlib."""
+        if not self.writer:
+            return
+        from minigpt import viz
+        from minigpt.evaluate import attention_of
+
+        if not viz.has_matplotlib():
+            if not self._said_no_matplotlib:
+                log("attention images skipped: pip install 'minigpt[plot]' (matplotlib) to log them")
+                self._said_no_matplotlib = True
+            return
+        figure = viz.attention_figure(chars, attention_of(model, ids), title=f"attention at step {step}")
+        self.image(step, tag, viz.figure_to_array(figure))
+
+    def hparams(self, step: int, hparams: dict, metrics: dict[str, float]) -> None:
+        """Log the run's hyperparameters with its final metrics into this run's directory (HParams tab)."""
+        if self.writer:
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+            # SummaryWriter.add_hparams would write into a new timestamped subdirectory; write here instead.
+            for summary in hparams_summary(hparams, metrics):
+                self.writer.file_writer.add_summary(summary, step)
+            self.scalars(step, metrics)
+
     def advance(self, step: int, postfix: dict[str, str] | None = None) -> None:
         """Move the progress bar to `step`, optionally updating its loss and speed display."""
         if self.bar is not None:
@@ -62,3 +106,38 @@ class Tracker:
             self.bar.close()
         if self.writer:
             self.writer.close()
+
+
+def flat_hparams(config: dict) -> dict[str, bool | int | float | str]:
+    """A config dict as dotted keys with TensorBoard-friendly values (lists become strings)."""
+    flat = {}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+        else:
+            flat[section] = values if isinstance(values, (bool, int, float, str)) else str(values)
+    return flat
+
+
+PROBE_CHARS = 48  # characters of validation text whose attention is drawn at each evaluation
+
+
+def log_inspection(tracker: Tracker, model: torch.nn.Module, tokens: dict, tokenizer, cfg, step: int) -> None:
+    """At an evaluation: the attention image of a fixed probe text and, if train.histograms, histograms."""
+    from minigpt import data
+    from minigpt.evaluate import weights_and_grads
+
+    if not tracker.enabled:
+        return
+    block_size = cfg.model.block_size
+    probe = [int(i) for i in tokens["val"][:min(block_size, PROBE_CHARS)]]  # the start of the validation text
+    tracker.attention(step, "attention/probe", model, probe, list(tokenizer.decode(probe)))
+    if cfg.train.histograms:
+        import torch
+
+        generator = torch.Generator().manual_seed(cfg.train.seed + 3)  # the same training batch every time
+        offsets = data.sample_offsets(len(tokens["train"]), block_size, cfg.train.batch_size, generator)
+        x, y = data.get_batch(tokens["train"], offsets, block_size)
+        device = next(model.parameters()).device
+        tracker.histograms(step, weights_and_grads(model, x.to(device), y.to(device)))

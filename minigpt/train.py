@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,7 +30,7 @@ from minigpt.distributed import World, current_world
 from minigpt.errors import CheckpointError, Interrupted, TrainingError
 from minigpt.model import GPT
 from minigpt.sample import generate
-from minigpt.tracking import Tracker, log
+from minigpt.tracking import Tracker, flat_hparams, log, log_inspection
 
 SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias")
 
@@ -145,7 +146,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
 
 
-def _check_resume(payload: dict, cfg: Config, tokenizer) -> None:
+def _check_resume(payload: dict, cfg: Config, tokenizer, say: Callable[[str], None] = log) -> None:
     """Refuse a checkpoint whose network shape or vocabulary differ; say which harmless keys changed."""
     diffs = config_differences(payload["config"], config_mod.to_dict(cfg))
     shape = {k: v for k, v in diffs.items() if k in SHAPE_KEYS}
@@ -158,18 +159,29 @@ def _check_resume(payload: dict, cfg: Config, tokenizer) -> None:
                               "trained on; use the same data.path or train a new run with --out-dir")
     harmless = {k: v for k, v in diffs.items() if k not in SHAPE_KEYS}
     if harmless:
-        log("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in harmless.items()))
+        say("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in harmless.items()))
 
 
 def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, progress: bool = True,
           resume_hint: str = "minigpt train --config CONFIG --resume") -> TrainResult:
     """Train the model described by `cfg`; write config, checkpoints and TensorBoard events to its run dir.
 
-    `resume_hint` is the command shown to the user after an interrupt.
+    `resume_hint` is the command shown to the user after an interrupt. Launched by torchrun, this
+    process trains its share of every batch and leaves the process group at the end.
     """
+    world = current_world(cfg.train.device, cfg.train.batch_size)
+    try:
+        return _train(cfg, world, resume, overwrite, progress, resume_hint)
+    finally:
+        world.shutdown()
+
+
+def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progress: bool,
+           resume_hint: str) -> TrainResult:
+    """One process's part of `train`, on the device `world` chose for it."""
     t = cfg.train
-    world = current_world()
-    device = device_mod.resolve_device(t.device)
+    device = world.device
+    say = log if world.is_main else (lambda message: None)  # rank 0 alone reports
     precision = device_mod.resolve_precision(t.dtype, device)
     threads = device_mod.set_threads(t.threads)
     run_dir = cfg.run_dir()
@@ -178,7 +190,7 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
         raise CheckpointError(f"run directory {run_dir} already holds a checkpoint; pass --resume to continue it, "
                               "--out-dir for a new run, or --overwrite to start again from scratch")
 
-    prepared = data.prepare(cfg.data, cfg.model.block_size)
+    prepared = world.in_turn(lambda: data.prepare(cfg.data, cfg.model.block_size))  # written once, then read
     tokens = {split: prepared.tokens(split) for split in ("train", "val")}
     tokenizer = prepared.tokenizer
 
@@ -192,7 +204,7 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
 
     if resume:
         payload = checkpoint.load(last_path if resume is True else resume, prefer=checkpoint.LAST)
-        _check_resume(payload, cfg, tokenizer)
+        _check_resume(payload, cfg, tokenizer, say)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         if precision.use_scaler and payload.get("scaler"):
@@ -202,7 +214,7 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
         if device.type == "cuda" and payload["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(payload["rng"]["cuda"], device)
         step, best_val = payload["step"], payload["best_val_loss"]
-        log(f"resuming {payload['path']} at step {step} (best val loss {best_val:.4f})")
+        say(f"resuming {payload['path']} at step {step} (best val loss {best_val:.4f})")
 
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +278,9 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
                 evaluate = step % t.eval_interval == 0 or step == t.max_iters
                 stopping = world.any(signals.received is not None)
                 if step % t.log_interval == 0 or evaluate or stopping:
-                    losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync per log
+                    # Averaged over processes (one host sync per log): every rank sees the same losses, so a
+                    # non-finite loss on any rank stops all of them at the same step.
+                    losses = world.mean(torch.stack([p[1] for p in pending])).tolist()
                     norms = torch.stack([p[2] for p in pending]).tolist()
                     for (s, _, _), value in zip(pending, losses):
                         if not math.isfinite(value):
@@ -285,7 +299,7 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
                     tracker.advance(step)
 
                 if evaluate:
-                    losses = estimate_loss(step_model, tokens, cfg, device, precision, world)
+                    losses = estimate_loss(model, tokens, cfg, device, precision, world)  # plain module: no recompile, no DDP
                     if not math.isfinite(losses["val"]):
                         raise TrainingError(f"the validation loss became {losses['val']} at step {step}; stopped without "
                                             f"saving; lower train.learning_rate (now {t.learning_rate:g}), then --resume")
@@ -295,7 +309,8 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
                     tracker.scalars(step, {"train/eval_loss": losses["train"], "val/loss": losses["val"], "val/bpc": bpc})
                     if world.is_main and t.sample_chars > 0:
                         tracker.text(step, "samples/text", text_sample(model, tokenizer, cfg, device, step))
-                    log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpc {bpc:.4f}")
+                    log_inspection(tracker, model, tokens, tokenizer, cfg, step)  # attention image, histograms
+                    say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpc {bpc:.4f}")
                     if losses["val"] < best_val:
                         best_val = losses["val"]
                         save(best_path, best_val)
@@ -306,12 +321,16 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
                 if stopping:
                     if not evaluate:
                         save(last_path, best_val)
+                    world.barrier()  # no process exits (and gets its peers killed) before rank 0 has saved
                     name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
                     error = Interrupted(f"stopped by {name} at step {step}; saved {last_path}; continue with: "
                                         f"minigpt train --config <your config> --resume"
                                         + (f" --out-dir {run_dir}" if t.out_dir else ""))
                     error.exit_code = 130 if signals.received == signal.SIGINT else 143
                     raise error
+        if best_val < float("inf"):
+            tracker.hparams(step, flat_hparams(config_mod.to_dict(cfg)),
+                            {"hparams/best_val_loss": best_val, "hparams/best_val_bpc": best_val / math.log(2)})
     finally:
         tracker.close()
     if world.is_main:

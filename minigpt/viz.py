@@ -1,0 +1,207 @@
+"""Pictures of a model: attention heatmaps, per-character surprise, loss curves.
+
+Figures are drawn with matplotlib's object API on the non-interactive Agg canvas (no pyplot,
+no window, no global state). matplotlib is an optional extra (`pip install 'minigpt[plot]'`),
+imported only when a picture is asked for. The surprise view is also written as HTML, which
+needs nothing: each character is a span coloured by its bits, with the bits in its tooltip.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minigpt.errors import DataError, MiniGPTError
+
+VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+MAX_BITS = 8.0  # surprise at or above this many bits gets the strongest colour
+WRAP = 64  # characters per row in the surprise picture
+
+
+def visible(ch: str) -> str:
+    """A character as a label: whitespace and control characters made visible."""
+    if ch in VISIBLE:
+        return VISIBLE[ch]
+    if not ch.isprintable():
+        return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
+    return ch
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    """matplotlib's Figure class and Agg canvas, or a MiniGPTError saying how to install it."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MiniGPTError("drawing pictures needs matplotlib: pip install 'minigpt[plot]' (or pip install matplotlib)") from exc
+    return Figure, FigureCanvasAgg
+
+
+def has_matplotlib() -> bool:
+    """Whether figures can be drawn."""
+    try:
+        _matplotlib()
+    except MiniGPTError:
+        return False
+    return True
+
+
+def attention_figure(chars: list[str], maps: dict[tuple[int, int], np.ndarray], title: str = "") -> Any:
+    """A grid of heatmaps, one per (layer, head): rows are queries, columns the keys they attend to."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    layers = sorted({l for l, _ in maps})
+    heads = sorted({h for _, h in maps})
+    T = len(chars)
+    panel = max(2.5, min(6.0, 0.16 * T + 1.0))  # inches per heatmap, growing with the prompt
+    fig = Figure(figsize=(panel * len(heads) + 1.2, panel * len(layers) + (0.6 if title else 0.2)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(layers), len(heads), squeeze=False)
+    labels = [visible(c) for c in chars]
+    fontsize = max(4.0, min(9.0, 300.0 / max(T, 1)))
+    few = len(maps) <= 4
+    image = None
+    for r, layer in enumerate(layers):
+        for c, head in enumerate(heads):
+            ax = axes[r][c]
+            image = ax.imshow(maps[(layer, head)], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(f"layer {layer}, head {head}", fontsize=10)
+            ax.tick_params(length=0)
+            # A big grid labels only its outer edges: every panel shares the same characters.
+            if few or r == len(layers) - 1:
+                ax.set_xticks(range(T), labels, fontsize=fontsize)
+                ax.set_xlabel("key (attended to)", fontsize=8)
+            else:
+                ax.set_xticks([])
+            if few or c == 0:
+                ax.set_yticks(range(T), labels, fontsize=fontsize)
+                ax.set_ylabel("query", fontsize=8)
+            else:
+                ax.set_yticks([])
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def surprise_figure(chars: list[str], bits: list[float], title: str = "") -> Any:
+    """The text as a grid of cells coloured by the bits each character cost (the first is context)."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    values = [math.nan] + list(bits)  # the first character is not scored
+    rows = max(1, math.ceil(len(chars) / WRAP))
+    cols = min(WRAP, len(chars))
+    grid = np.full((rows, cols), np.nan)
+    for i, v in enumerate(values):
+        grid[i // cols, i % cols] = v
+    fig = Figure(figsize=(0.22 * cols + 1.8, 0.32 * rows + 1.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(grid, cmap="Reds", vmin=0.0, vmax=MAX_BITS, aspect="auto", interpolation="nearest")
+    for i, ch in enumerate(chars):
+        ax.text(i % cols, i // cols, visible(ch), ha="center", va="center", fontsize=8, family="monospace")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(image, ax=ax, label="bits = -log2 p(char | context)")
+    ax.set_title(title or f"surprise: {sum(bits) / len(bits):.3f} bits/char")
+    return fig
+
+
+def loss_figure(curves: dict[str, list[tuple[int, float]]], title: str = "") -> Any:
+    """Loss curves (step, value) of one run, one line per tag."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for tag, points in curves.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=tag, marker="o" if len(points) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/char)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "loss")
+    return fig
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a figure as PNG (the parent directory is created)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise DataError(f"{path}: pictures are written as PNG; give a file name ending in .png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def figure_to_array(fig: Any) -> np.ndarray:
+    """A drawn figure as an RGB image array (H, W, 3) of uint8, for TensorBoard."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
+
+
+def _colour(bits: float) -> str:
+    """White for a sure character, deepening red up to MAX_BITS bits."""
+    t = max(0.0, min(1.0, bits / MAX_BITS))
+    fade = round(255 * (1.0 - 0.85 * t))
+    return f"rgb(255,{fade},{fade})"
+
+
+def surprise_html(chars: list[str], bits: list[float], title: str = "surprise") -> str:
+    """A standalone HTML page: each character on a background as red as it was surprising."""
+    spans = [f'<span class="ctx" title="context (not scored)">{_html_char(chars[0])}</span>']
+    for ch, b in zip(chars[1:], bits):
+        label = html.escape(f"{visible(ch)}: {b:.2f} bits", quote=True)
+        spans.append(f'<span style="background:{_colour(b)}" title="{label}">{_html_char(ch)}</span>')
+    mean = sum(bits) / len(bits)
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>\n"
+        "<style>body{font-family:sans-serif} .text{font-family:monospace;white-space:pre-wrap;line-height:1.6}"
+        " .ctx{color:#888} .nl{color:#bbb}</style></head><body>\n"
+        f"<h3>{html.escape(title)}: {mean:.3f} bits/char over {len(bits)} characters</h3>\n"
+        f"<p>Background: white = certain, red = {MAX_BITS:g}+ bits. Hover a character for its bits.</p>\n"
+        "<div class=\"text\">" + "".join(spans) + "</div>\n</body></html>\n"
+    )
+
+
+def _html_char(ch: str) -> str:
+    """A character for the HTML text: newlines shown as ↵ and then broken, the rest escaped."""
+    if ch == "\n":
+        return '<span class="nl">↵</span>\n'
+    return html.escape(ch)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a UTF-8 text file (HTML), naming the path if it cannot be written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def read_scalars(run_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")) -> dict[str, list[tuple[int, float]]]:
+    """Scalar series of a run from its TensorBoard event files, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run directory {run_dir} does not exist; pass the directory a training run wrote to")
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        raise DataError(f"{run_dir} holds no TensorBoard event files (events.out.tfevents.*); pass a run directory")
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    found = acc.Tags().get("scalars", [])
+    curves = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags if tag in found}
+    if not curves:
+        raise DataError(f"the event files in {run_dir} hold none of {', '.join(tags)}; has the run logged a step yet?")
+    return curves

@@ -1,0 +1,204 @@
+"""Seeing inside the model: attention maps, surprise, exact bits per character, info, plots, TensorBoard.
+
+One tiny model is trained once for the whole file (a few dozen steps); every test reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import run_cli, tiny_config, write_corpus
+from minigpt import evaluate, viz
+from minigpt.errors import PromptError
+from minigpt.sample import load_model
+from minigpt.train import train
+
+matplotlib_image = pytest.importorskip("matplotlib.image")
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"  # 61 characters, block_size 32
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny model trained for 20 steps with histograms on; its run directory."""
+    tmp = tmp_path_factory.mktemp("inspect")
+    corpus = write_corpus(tmp / "corpus.txt")
+    cfg = tiny_config(tmp, corpus, "train.max_iters=20", "train.eval_interval=10", "train.warmup_iters=2",
+                      "train.sample_chars=16", "train.histograms=true")
+    train(cfg, progress=False)
+    return cfg.run_dir()
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    return load_model(str(run), torch.device("cpu"))
+
+
+def png_shape(path: Path) -> tuple[int, ...]:
+    assert path.is_file() and path.stat().st_size > 5_000, f"{path} missing or nearly empty"
+    return matplotlib_image.imread(path).shape
+
+
+# ----------------------------------------------------------------------------- library
+
+def test_attention_rows_sum_to_one_and_are_causal(loaded):
+    result = evaluate.attention(loaded, TEXT)
+    assert result.dropped == len(TEXT) - 32 and "".join(result.chars) == TEXT[-32:]
+    assert set(result.maps) == {(l, h) for l in range(2) for h in range(2)}
+    for weights in result.maps.values():
+        w = torch.from_numpy(weights)
+        assert w.shape == (32, 32)
+        torch.testing.assert_close(w.sum(-1), torch.ones(32))
+        assert torch.all(torch.triu(w, diagonal=1) == 0)
+
+
+def test_attention_refuses_out_of_range_layer_and_head(loaded):
+    with pytest.raises(PromptError, match="--layer 2 is out of range.*0 to 1"):
+        evaluate.attention(loaded, TEXT, layer=2)
+    with pytest.raises(PromptError, match="--head -1 is out of range"):
+        evaluate.attention(loaded, TEXT, head=-1)
+
+
+def test_surprise_bits_agree_with_the_model_loss(loaded):
+    text = TEXT[:33]  # one window: 32 inputs, 32 targets
+    result = evaluate.surprise(loaded, text)
+    ids = torch.tensor([loaded.tokenizer.encode(text)])
+    _, loss = loaded.model(ids[:, :-1], ids[:, 1:])
+    assert len(result.bits) == 32
+    assert result.mean_bits * math.log(2) == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_strided_windows_score_every_character_once():
+    for n, block, stride in [(61, 32, 16), (61, 32, 32), (61, 32, 1), (10, 32, 16), (100, 8, 3)]:
+        scored = []
+        for start, first in evaluate.window_plan(n, block, stride):
+            T = min(block, n - 1)
+            scored += list(range(start + 1 + first, start + 1 + T))
+        assert scored == list(range(1, n)), (n, block, stride)
+
+
+def brute_force_nll(model, ids: torch.Tensor, context_start) -> torch.Tensor:
+    """Each target j scored alone from ids[context_start(j) : j]."""
+    out = []
+    for j in range(1, len(ids)):
+        logits, _ = model(ids[context_start(j):j][None])
+        out.append(F.cross_entropy(logits[0, -1:], ids[j:j + 1]))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def test_exact_eval_equals_brute_force(loaded):
+    ids = torch.tensor(loaded.tokenizer.encode(TEXT * 2))  # 122 characters, block_size 32
+    block = 32
+    full = brute_force_nll(loaded.model, ids, lambda j: max(0, j - block))
+    torch.testing.assert_close(evaluate.token_nll(loaded.model, ids, stride=1), full, rtol=1e-4, atol=1e-5)
+    # Stride 16: target j is read in the window that first covers it (starts 0, 16, ..., end-aligned last).
+    plan = evaluate.window_plan(len(ids), block, 16)
+    owner = {start + 1 + i: start for start, first in plan for i in range(first, block)}
+    strided = brute_force_nll(loaded.model, ids, lambda j: owner[j])
+    torch.testing.assert_close(evaluate.token_nll(loaded.model, ids, stride=16), strided, rtol=1e-4, atol=1e-5)
+    assert all(j - owner[j] >= block - 16 for j in owner if j > block)  # enough context everywhere
+
+
+def test_surprise_html_escapes_and_shows_bits():
+    page = viz.surprise_html(list('<a&"b>\n'), [1.0, 2.0, 3.0, 4.0, 5.0, 9.0], title="t<")
+    assert "<a" not in page.split('<div class="text">')[1].replace("<span", "")
+    assert "&lt;" in page and "&amp;" in page and "&quot;" in page and "t&lt;" in page
+    assert 'title="&amp;: 2.00 bits"' in page and 'title="↵: 9.00 bits"' in page
+    assert viz.visible(" ") == "␣" and viz.visible("\n") == "↵" and viz.visible("\x01") == "\\x01"
+
+
+def test_tensorboard_holds_image_text_hparams_and_histograms(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    images = acc.Images("attention/probe")
+    assert [e.step for e in images] == [10, 20] and images[0].width > 300 and images[0].height > 300
+    assert any(t.startswith("samples/text") for t in tags["tensors"])
+    assert any(t.startswith("weights/") for t in tags["histograms"])
+    assert any(t.startswith("grads/") for t in tags["histograms"])
+    assert {"hparams/best_val_loss", "hparams/best_val_bpc"} <= set(tags["scalars"])
+    plugins = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(plugins)
+    session = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    assert b"model.n_layer" in session
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def test_cli_attention(run, tmp_path):
+    out = tmp_path / "att.png"
+    done = run_cli("attention", "--checkpoint", str(run), "--prompt", TEXT, "--layer", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "last 32 characters" in done.stderr
+    height, width, _ = png_shape(out)
+    assert height > 200 and width > 200
+    bad = run_cli("attention", "--checkpoint", str(run), "--prompt", "Speak", "--head", "7", "--out", str(out))
+    assert bad.returncode == PromptError.exit_code
+    assert bad.stderr.strip().startswith("error: --head 7 is out of range") and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_surprise_and_eval_agree(run, tmp_path):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT * 2, encoding="utf-8")
+    html_out, png_out = tmp_path / "s.html", tmp_path / "s.png"
+    done = run_cli("surprise", "--checkpoint", str(run), "--file", str(text_file), "--out", str(html_out))
+    assert done.returncode == 0, done.stderr
+    mean_bits = float(done.stdout.split()[0])
+    assert html_out.read_text(encoding="utf-8").count("bits\">") == len(TEXT) * 2 - 1
+    evaluated = run_cli("eval", "--checkpoint", str(run), "--file", str(text_file), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["characters"] == len(TEXT) * 2 - 1 and report["stride"] == 16
+    assert report["bpc"] == pytest.approx(mean_bits, abs=1e-4)
+    done = run_cli("surprise", "--checkpoint", str(run), "--text", TEXT, "--out", str(png_out))
+    assert done.returncode == 0, done.stderr
+    assert png_shape(png_out)[1] > 300
+    bad = run_cli("surprise", "--checkpoint", str(run), "--text", "Speak", "--file", str(text_file))
+    assert bad.returncode == PromptError.exit_code and bad.stderr.startswith("error: pass exactly one of")
+
+
+def test_cli_eval_val_split_matches_library(run, loaded):
+    done = run_cli("eval", "--checkpoint", str(run), "--split", "val")
+    assert done.returncode == 0, done.stderr
+    expected = evaluate.evaluate_split(loaded, "val")
+    assert done.stdout.startswith(f"val split: {expected.bpc:.4f} bits/char")
+    assert expected.characters == loaded.payload["data"]["val_tokens"] - 1
+    # The exact val loss is close to the random-batch estimate training saved.
+    assert expected.loss == pytest.approx(loaded.payload["best_val_loss"], abs=0.1)
+    bad = run_cli("eval", "--checkpoint", str(run), "--split", "test")
+    assert bad.returncode != 0 and bad.stderr.startswith("error: --split must be train or val")
+
+
+def test_cli_info(run, loaded):
+    import yaml
+
+    done = run_cli("info", "--checkpoint", str(run))
+    assert done.returncode == 0, done.stderr
+    info = yaml.safe_load(done.stdout)
+    assert info["step"] == 20 and info["vocab_size"] == loaded.tokenizer.vocab_size
+    assert info["vocabulary"] == "".join(loaded.tokenizer.chars) and "\n" in info["vocabulary"]
+    assert info["parameters"] == loaded.model.num_params(non_embedding=False)
+    assert info["config"]["model"]["n_layer"] == 2 and info["data"]["sources"]
+    assert info["best_val_loss"] == pytest.approx(loaded.payload["best_val_loss"])
+    bad = run_cli("info", "--checkpoint", str(run / "missing.pt"))
+    assert bad.returncode == 4 and bad.stderr.startswith("error: checkpoint") and "Traceback" not in bad.stderr
+
+
+def test_cli_plot(run, tmp_path):
+    out = tmp_path / "loss.png"
+    done = run_cli("plot", "--run", str(run), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    height, width, _ = png_shape(out)
+    assert (height, width) == (500, 800)
+    bad = run_cli("plot", "--run", str(tmp_path), "--out", str(out))
+    assert bad.returncode != 0 and "no TensorBoard event files" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,209 @@
+"""Data-parallel training through real torchrun: 2 CPU processes (gloo) against 1 process.
+
+The runs are shared by the tests (module-scoped fixture): a 2-process run of N steps, the same
+run in 1 process, an uninterrupted 1-process run of 2N steps, and the 2-process checkpoint
+resumed to 2N with 1 process and, interrupted by Ctrl-C, with 2 processes. All runs use the same
+learning-rate schedule (lr_decay_iters fixed), so they differ only in how they were split.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import CONFIGS, tiny_config, tiny_sets, write_corpus
+from minigpt import checkpoint, distributed
+from minigpt.cli import app
+from minigpt.errors import ConfigError, DeviceError
+from minigpt.train import train
+
+N = 6  # steps of the short runs; the long ones run 2N
+TOLERANCE = 1e-5  # max |weight difference| allowed between process counts (float32 sums in another order)
+COMMON = ["train.threads=1", "train.warmup_iters=2", f"train.lr_decay_iters={2 * N}", f"train.eval_interval={N}", "train.eval_iters=1",
+          "train.log_interval=2", "train.sample_chars=8"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def sets(base: Path, corpus: Path, out: str, *extra: str) -> list[str]:
+    """Overrides for a run of tiny.yaml on the test corpus, written to base/out."""
+    return tiny_sets(base, corpus)[:-2] + [f"train.out_dir={base / out}", "train.device=cpu", *COMMON, *extra]
+
+
+def cli_args(overrides: list[str]) -> list[str]:
+    return ["train", "--config", str(CONFIGS / "tiny.yaml")] + [a for s in overrides for a in ("--set", s)]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / checkpoint.LAST)["model"]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("events.out.tfevents.*"))
+
+
+def interrupt_when_past(proc: subprocess.Popen, log: Path, step: int, total: int, timeout: float = 120) -> None:
+    """Send Ctrl-C (SIGINT) to `proc` once its progress bar shows a step beyond `step`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        shown = [int(s) for s in re.findall(rf"(\d+)/{total}", log.read_text(errors="replace"))]
+        if shown and max(shown) > step:
+            proc.send_signal(signal.SIGINT)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run never got past step {step}:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("ddp")
+    corpus = write_corpus(base / "corpus.txt")
+    out: dict = {"base": base}
+
+    # 2 processes through torchrun itself, on a corpus no process has prepared yet.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minigpt"]
+    out["two"] = subprocess.run(torchrun + cli_args(sets(base, corpus, "two", f"train.max_iters={N}")),
+                                env=ENV, text=True, capture_output=True, timeout=180)
+    assert out["two"].returncode == 0, out["two"].stderr[-3000:]
+
+    # The same run in 1 process, and the uninterrupted reference of 2N steps.
+    for name, steps in (("one", N), ("one_long", 2 * N)):
+        train(tiny_config(base, corpus, *sets(base, corpus, name, f"train.max_iters={steps}")), progress=False)
+
+    # The 2-process checkpoint resumed to 2N steps by 1 process.
+    shutil.copytree(base / "two", base / "two_then_one")
+    train(tiny_config(base, corpus, *sets(base, corpus, "two_then_one", f"train.max_iters={2 * N}")),
+          resume=True, progress=False)
+
+    # Resumed by 2 processes through `minigpt train --nproc 2`, stopped by Ctrl-C somewhere past 2N.
+    shutil.copytree(base / "two", base / "two_then_two")
+    log = base / "two_then_two.log"
+    total = 100_000
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "minigpt"] + cli_args(
+            sets(base, corpus, "two_then_two", f"train.max_iters={total}", f"train.eval_interval={total}"))
+            + ["--nproc", "2", "--resume=last"], env=ENV, text=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        interrupt_when_past(proc, log, 2 * N, total)
+        out["two_then_two_code"] = proc.wait(timeout=120)
+    out["two_then_two_log"] = log.read_text(errors="replace")
+    stopped_at = checkpoint.load(base / "two_then_two" / checkpoint.LAST)["step"]
+    out["stopped_at"] = stopped_at
+    train(tiny_config(base, corpus, *sets(base, corpus, "one_to_stop", f"train.max_iters={stopped_at}")), progress=False)
+    return out
+
+
+def test_two_processes_match_one(runs):
+    """Same config, same data: the 2-process weights equal the 1-process ones up to reduction order."""
+    difference = max_difference(weights(runs["base"] / "two"), weights(runs["base"] / "one"))
+    print(f"\nmax |w_2proc - w_1proc| after {N} steps: {difference:.3e}")
+    assert difference < TOLERANCE
+    assert checkpoint.load(runs["base"] / "two" / checkpoint.LAST)["step"] == N
+
+
+def test_one_set_of_outputs(runs):
+    """Rank 0 alone writes the config, the checkpoints, TensorBoard and the log lines."""
+    run_dir = runs["base"] / "two"
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.")) == \
+        ["best.pt", "config.yaml", "last.pt"]
+    assert len(event_files(run_dir)) == 1
+    assert not list(run_dir.glob(".*tmp*"))
+    stderr = runs["two"].stderr
+    assert stderr.count(f"step {N}: train loss") == 1
+    assert stderr.count("minigpt: ") == 1 and stderr.count("done: step") == 1
+    # The checkpoint holds the plain module's weights, loadable without DDP.
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights(run_dir))
+    prepared = list((runs["base"] / "prepared").iterdir())
+    assert len(prepared) == 1 and not list(prepared[0].glob("*.tmp"))
+
+
+def test_resume_two_processes_with_one(runs):
+    """A checkpoint written by 2 processes continues in 1 exactly like an uninterrupted run."""
+    difference = max_difference(weights(runs["base"] / "two_then_one"), weights(runs["base"] / "one_long"))
+    print(f"\nmax |w_2->1 - w_uninterrupted| after {2 * N} steps: {difference:.3e}")
+    assert difference < TOLERANCE
+
+
+def test_resume_with_two_and_stop_together_on_ctrl_c(runs):
+    """Resumed by `--nproc 2`, a Ctrl-C stops both processes at one step, saved, continuing the run exactly."""
+    assert runs["two_then_two_code"] == 130, runs["two_then_two_log"][-3000:]
+    stopped_at = runs["stopped_at"]
+    assert stopped_at > 2 * N
+    assert f"stopped by SIGINT at step {stopped_at}; saved" in runs["two_then_two_log"]
+    assert f"resuming {runs['base'] / 'two_then_two' / 'last.pt'} at step {N}" in runs["two_then_two_log"]
+    difference = max_difference(weights(runs["base"] / "two_then_two"), weights(runs["base"] / "one_to_stop"))
+    print(f"\nmax |w_2->2 (Ctrl-C at step {stopped_at}) - w_uninterrupted|: {difference:.3e}")
+    assert difference < TOLERANCE
+
+
+# ----------------------------------------------------------------------------- bad launches
+
+def minigpt_cli(*args: str, env: dict | None = None):
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def test_nproc_must_be_positive(tmp_path, corpus):
+    result = minigpt_cli(*cli_args(tiny_sets(tmp_path, corpus)), "--nproc", "0")
+    assert result.exit_code == DeviceError.exit_code
+    assert "--nproc must be at least 1, got 0" in result.output and "Traceback" not in result.output
+
+
+def test_nproc_beyond_the_gpus(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = minigpt_cli(*cli_args(tiny_sets(tmp_path, corpus)), "--device", "cuda", "--nproc", "2")
+    assert result.exit_code == DeviceError.exit_code
+    assert "2 processes need 2 GPUs (one each), but this machine has 1; use --nproc 1 or fewer" in result.output
+
+
+def test_batch_must_split_over_processes(tmp_path, corpus):
+    result = minigpt_cli(*cli_args(tiny_sets(tmp_path, corpus)), "--nproc", "3")
+    assert result.exit_code == ConfigError.exit_code
+    assert "train.batch_size 8 is the global batch and must split evenly over the 3 processes" in result.output
+
+
+def test_partial_torchrun_environment_names_the_missing_variable(tmp_path, corpus):
+    env = {k: v for k, v in ENV.items() if k not in distributed.TORCHRUN_VARS}
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_PORT="29500")
+    result = subprocess.run([sys.executable, "-m", "minigpt"] + cli_args(tiny_sets(tmp_path, corpus)),
+                            env=env, text=True, capture_output=True, timeout=60)
+    assert result.returncode == DeviceError.exit_code
+    assert result.stderr.startswith("error: incomplete torchrun environment:") and "MASTER_ADDR missing" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_world_from_the_environment(monkeypatch):
+    """No torchrun variables: one process; WORLD_SIZE=1: one process too; an uneven batch is refused before joining."""
+    for name in distributed.TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.current_world("cpu").size == 1
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert distributed.current_world("cpu").size == 1
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="must split evenly over the 3 processes"):
+        distributed.current_world("cpu", batch_size=8)
+    with pytest.raises(DeviceError, match="names one GPU"):
+        distributed.process_device("cuda:1", 0)
+
+
+def test_launch_command_repeats_the_train_command():
+    command = distributed.launch_command(2, ["train", "--config", "c.yaml"])
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "minigpt", "train", "--config", "c.yaml"]

@@ -131,7 +131,7 @@ def per_rank_batch(batch_size: int, size: int) -> int:
 
 
 def torchrun_env(environ: dict[str, str] | None = None) -> dict[str, int | str] | None:
-    """torchrun's description of this process (RANK, ...), None if not launched by torchrun; a partial one is an error."""
+    """torchrun's variables for this process; None if not launched by torchrun, a DeviceError if some are missing."""
     environ = os.environ if environ is None else environ
     if not any(name in environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return None
@@ -145,7 +145,7 @@ def torchrun_env(environ: dict[str, str] | None = None) -> dict[str, int | str] 
         try:
             found[name] = int(environ[name])
         except ValueError:
-            raise DeviceError(f"torchrun environment variable {name}={environ[name]!r} is not an integer; {LAUNCH_HINT}")
+            raise DeviceError(f"torchrun variable {name}={environ[name]!r} is not an integer; {LAUNCH_HINT}")
     if not 0 <= found["RANK"] < found["WORLD_SIZE"]:
         raise DeviceError(f"RANK {found['RANK']} is outside WORLD_SIZE {found['WORLD_SIZE']}; {LAUNCH_HINT}")
     return found
@@ -157,12 +157,13 @@ def process_device(name: str, local_rank: int) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "mps" or kind not in ("cuda", "cpu"):
-        raise DeviceError(f"data-parallel training runs on cuda or cpu, not {name!r}; set train.device to cuda, cpu or auto")
+        raise DeviceError(f"data-parallel training runs on cuda or cpu, not {name!r}; "
+                          "set train.device to cuda, cpu or auto")
     if kind == "cpu":
         return torch.device("cpu")
     if ":" in name:
         raise DeviceError(f"train.device {name!r} names one GPU, but torchrun gives each process its own "
-                          "(cuda:LOCAL_RANK); set train.device to cuda or auto, and choose GPUs with CUDA_VISIBLE_DEVICES")
+                          "(cuda:LOCAL_RANK); set train.device to cuda or auto, pick GPUs with CUDA_VISIBLE_DEVICES")
     check_gpus(local_rank + 1)
     return torch.device("cuda", local_rank)
 
@@ -198,7 +199,7 @@ def current_world(device: str = "auto", batch_size: int | None = None) -> World:
 # ----------------------------------------------------------------------------- launching
 
 def check_launch(nproc: int, device: str, batch_size: int) -> None:
-    """Refuse a launch that cannot work: under one process, more processes than GPUs, an uneven batch, torchrun in torchrun."""
+    """Refuse a launch that cannot work: no process, more processes than GPUs, an uneven batch, torchrun in torchrun."""
     if nproc < 1:
         raise DeviceError(f"--nproc must be at least 1, got {nproc}")
     if nproc == 1:

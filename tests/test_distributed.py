@@ -28,9 +28,11 @@ from minigpt.errors import ConfigError, DeviceError
 from minigpt.train import train
 
 N = 6  # steps of the short runs; the long ones run 2N
-TOLERANCE = 1e-5  # max |weight difference| allowed between process counts (float32 sums in another order)
-COMMON = ["train.threads=1", "train.warmup_iters=2", f"train.lr_decay_iters={2 * N}", f"train.eval_interval={N}", "train.eval_iters=1",
-          "train.log_interval=2", "train.sample_chars=8"]
+# Max |weight difference| between process counts: float32 sums added in another order. Seen: 3e-6 to 7e-6;
+# one AdamW step moves a weight by up to learning_rate (3e-3), so a wrong batch split fails by far.
+TOLERANCE = 5e-5
+COMMON = ["train.threads=1", "train.warmup_iters=2", f"train.lr_decay_iters={2 * N}", f"train.eval_interval={N}",
+          "train.eval_iters=1", "train.log_interval=2", "train.sample_chars=8"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -102,7 +104,8 @@ def runs(tmp_path_factory) -> dict:
     out["two_then_two_log"] = log.read_text(errors="replace")
     stopped_at = checkpoint.load(base / "two_then_two" / checkpoint.LAST)["step"]
     out["stopped_at"] = stopped_at
-    train(tiny_config(base, corpus, *sets(base, corpus, "one_to_stop", f"train.max_iters={stopped_at}")), progress=False)
+    reference = sets(base, corpus, "one_to_stop", f"train.max_iters={stopped_at}", f"train.eval_interval={stopped_at}")
+    train(tiny_config(base, corpus, *reference), progress=False)
     return out
 
 
@@ -176,13 +179,12 @@ def test_batch_must_split_over_processes(tmp_path, corpus):
 
 
 def test_partial_torchrun_environment_names_the_missing_variable(tmp_path, corpus):
-    env = {k: v for k, v in ENV.items() if k not in distributed.TORCHRUN_VARS}
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_PORT="29500")
-    result = subprocess.run([sys.executable, "-m", "minigpt"] + cli_args(tiny_sets(tmp_path, corpus)),
-                            env=env, text=True, capture_output=True, timeout=60)
-    assert result.returncode == DeviceError.exit_code
-    assert result.stderr.startswith("error: incomplete torchrun environment:") and "MASTER_ADDR missing" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": None, "MASTER_PORT": "29500"}
+    result = minigpt_cli(*cli_args(tiny_sets(tmp_path, corpus)), env=env)
+    assert result.exit_code == DeviceError.exit_code
+    assert result.output.startswith("error: incomplete torchrun environment: RANK, LOCAL_RANK, WORLD_SIZE, "
+                                    "MASTER_PORT set but MASTER_ADDR missing")
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_world_from_the_environment(monkeypatch):

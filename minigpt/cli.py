@@ -235,7 +235,6 @@ def surprise(
     unknown: str = UnknownOpt,
 ) -> None:
     """Score each character in bits (-log2 p); print the mean bits per character."""
-    from minigpt import evaluate, viz
     from minigpt.errors import DataError, PromptError
 
     if (text is None) == (file is None):
@@ -243,6 +242,8 @@ def surprise(
     if out is not None and out.suffix.lower() not in (".html", ".htm", ".png"):
         raise DataError(f"--out {out}: the surprise view is written as .html or .png")
     loaded = _load_for_inspection(checkpoint, device, unknown)
+    from minigpt import evaluate, viz  # imported after the checks: torch is slow to import
+
     if file is not None:
         try:
             text = file.read_text(encoding=loaded.config.data.encoding, errors=loaded.config.data.errors)
@@ -272,12 +273,15 @@ def eval_(
     """Exact bits per character over a whole file or split (every character scored once)."""
     import json
 
-    from minigpt import evaluate
-    from minigpt.errors import PromptError
+    from minigpt.errors import DataError, PromptError
 
     if file is not None and split is not None:
         raise PromptError("pass either --file FILE or --split val, not both")
     loaded = _load_for_inspection(checkpoint, device, unknown)
+    if split not in (None, "train", "val"):
+        raise DataError(f"--split must be train or val, got {split!r}")
+    from minigpt import evaluate  # imported after the checks: torch is slow to import
+
     if file is not None:
         result = evaluate.evaluate_file(loaded, file, stride, unknown)
     else:

@@ -77,7 +77,8 @@ class Tracker:
                 log("attention images skipped: pip install 'minigpt[plot]' (matplotlib) to log them")
                 self._said_no_matplotlib = True
             return
-        figure = viz.attention_figure(chars, attention_of(model, ids), title=f"attention at step {step}")
+        figure = viz.attention_figure(chars, attention_of(model, ids), title=f"attention at step {step}",
+                                      label_all=False)
         self.image(step, tag, viz.figure_to_array(figure))
 
     def hparams(self, step: int, hparams: dict, metrics: dict[str, float]) -> None:

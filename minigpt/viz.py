@@ -50,8 +50,13 @@ def has_matplotlib() -> bool:
     return True
 
 
-def attention_figure(chars: list[str], maps: dict[tuple[int, int], np.ndarray], title: str = "") -> Any:
-    """A grid of heatmaps, one per (layer, head): rows are queries, columns the keys they attend to."""
+def attention_figure(chars: list[str], maps: dict[tuple[int, int], np.ndarray], title: str = "",
+                     label_all: bool | None = None) -> Any:
+    """A grid of heatmaps, one per (layer, head): rows are queries, columns the keys they attend to.
+
+    Every panel's axes carry the characters when `label_all` (default: for up to 4 panels); otherwise
+    only the outer edges do, which is also much faster to draw.
+    """
     Figure, FigureCanvasAgg = _matplotlib()
     layers = sorted({l for l, _ in maps})
     heads = sorted({h for _, h in maps})
@@ -63,7 +68,7 @@ def attention_figure(chars: list[str], maps: dict[tuple[int, int], np.ndarray], 
     axes = fig.subplots(len(layers), len(heads), squeeze=False)
     labels = [visible(c) for c in chars]
     fontsize = max(4.0, min(9.0, 300.0 / max(T, 1)))
-    few = len(maps) <= 4
+    few = len(maps) <= 4 if label_all is None else label_all
     image = None
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
@@ -97,7 +102,7 @@ def surprise_figure(chars: list[str], bits: list[float], title: str = "") -> Any
     grid = np.full((rows, cols), np.nan)
     for i, v in enumerate(values):
         grid[i // cols, i % cols] = v
-    fig = Figure(figsize=(0.22 * cols + 1.8, 0.32 * rows + 1.0), layout="constrained")
+    fig = Figure(figsize=(0.22 * cols + 1.8, 0.32 * rows + 1.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     image = ax.imshow(grid, cmap="Reds", vmin=0.0, vmax=MAX_BITS, aspect="auto", interpolation="nearest")
@@ -105,8 +110,9 @@ def surprise_figure(chars: list[str], bits: list[float], title: str = "") -> Any
         ax.text(i % cols, i // cols, visible(ch), ha="center", va="center", fontsize=8, family="monospace")
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.colorbar(image, ax=ax, label="bits = -log2 p(char | context)")
-    ax.set_title(title or f"surprise: {sum(bits) / len(bits):.3f} bits/char")
+    fig.colorbar(image, ax=ax, label="bits")
+    ax.set_title(title or f"surprise, -log2 p(char | context): {sum(bits) / len(bits):.3f} bits/char "
+                          "(first character: context only)")
     return fig
 
 
@@ -191,13 +197,13 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def read_scalars(run_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")) -> dict[str, list[tuple[int, float]]]:
     """Scalar series of a run from its TensorBoard event files, read with TensorBoard's own reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {run_dir} does not exist; pass the directory a training run wrote to")
     if not any(run_dir.glob("events.out.tfevents.*")):
         raise DataError(f"{run_dir} holds no TensorBoard event files (events.out.tfevents.*); pass a run directory")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     found = acc.Tags().get("scalars", [])

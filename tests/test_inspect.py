@@ -26,13 +26,22 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"  # 61 c
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A tiny model trained for 20 steps with histograms on; its run directory."""
+    """A tiny model trained for 12 steps (evaluated twice) with histograms on; its run directory."""
     tmp = tmp_path_factory.mktemp("inspect")
     corpus = write_corpus(tmp / "corpus.txt")
-    cfg = tiny_config(tmp, corpus, "train.max_iters=20", "train.eval_interval=10", "train.warmup_iters=2",
-                      "train.sample_chars=16", "train.histograms=true")
-    train(cfg, progress=False)
+    cfg = tiny_config(tmp, corpus, "train.max_iters=12", "train.eval_interval=6", "train.warmup_iters=2",
+                      "train.eval_iters=2", "train.sample_chars=16", "train.histograms=true", "train.threads=1")
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return cfg.run_dir()
+
+
+def cli(*args: str):
+    """The real CLI in a subprocess, on one thread (the tiny model gains nothing from more)."""
+    return run_cli(*args, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +103,7 @@ def brute_force_nll(model, ids: torch.Tensor, context_start) -> torch.Tensor:
 
 @torch.no_grad()
 def test_exact_eval_equals_brute_force(loaded):
-    ids = torch.tensor(loaded.tokenizer.encode(TEXT * 2))  # 122 characters, block_size 32
+    ids = torch.tensor(loaded.tokenizer.encode(TEXT + TEXT[:20]))  # 81 characters, block_size 32
     block = 32
     full = brute_force_nll(loaded.model, ids, lambda j: max(0, j - block))
     torch.testing.assert_close(evaluate.token_nll(loaded.model, ids, stride=1), full, rtol=1e-4, atol=1e-5)
@@ -104,6 +113,13 @@ def test_exact_eval_equals_brute_force(loaded):
     strided = brute_force_nll(loaded.model, ids, lambda j: owner[j])
     torch.testing.assert_close(evaluate.token_nll(loaded.model, ids, stride=16), strided, rtol=1e-4, atol=1e-5)
     assert all(j - owner[j] >= block - 16 for j in owner if j > block)  # enough context everywhere
+
+
+def test_surprise_picture(loaded, tmp_path):
+    result = evaluate.surprise(loaded, TEXT)
+    out = viz.save_figure(viz.surprise_figure(result.chars, result.bits), tmp_path / "s.png")
+    height, width, _ = png_shape(out)
+    assert width > 300 and height > 100
 
 
 def test_surprise_html_escapes_and_shows_bits():
@@ -121,7 +137,7 @@ def test_tensorboard_holds_image_text_hparams_and_histograms(run):
     acc.Reload()
     tags = acc.Tags()
     images = acc.Images("attention/probe")
-    assert [e.step for e in images] == [10, 20] and images[0].width > 300 and images[0].height > 300
+    assert [e.step for e in images] == [6, 12] and images[0].width > 300 and images[0].height > 300
     assert any(t.startswith("samples/text") for t in tags["tensors"])
     assert any(t.startswith("weights/") for t in tags["histograms"])
     assert any(t.startswith("grads/") for t in tags["histograms"])
@@ -136,12 +152,12 @@ def test_tensorboard_holds_image_text_hparams_and_histograms(run):
 
 def test_cli_attention(run, tmp_path):
     out = tmp_path / "att.png"
-    done = run_cli("attention", "--checkpoint", str(run), "--prompt", TEXT, "--layer", "1", "--out", str(out))
+    done = cli("attention", "--checkpoint", str(run), "--prompt", TEXT, "--layer", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "last 32 characters" in done.stderr
     height, width, _ = png_shape(out)
     assert height > 200 and width > 200
-    bad = run_cli("attention", "--checkpoint", str(run), "--prompt", "Speak", "--head", "7", "--out", str(out))
+    bad = cli("attention", "--checkpoint", str(run), "--prompt", "Speak", "--head", "7", "--out", str(out))
     assert bad.returncode == PromptError.exit_code
     assert bad.stderr.strip().startswith("error: --head 7 is out of range") and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
@@ -150,55 +166,52 @@ def test_cli_attention(run, tmp_path):
 def test_cli_surprise_and_eval_agree(run, tmp_path):
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT * 2, encoding="utf-8")
-    html_out, png_out = tmp_path / "s.html", tmp_path / "s.png"
-    done = run_cli("surprise", "--checkpoint", str(run), "--file", str(text_file), "--out", str(html_out))
+    html_out = tmp_path / "s.html"
+    done = cli("surprise", "--checkpoint", str(run), "--file", str(text_file), "--out", str(html_out))
     assert done.returncode == 0, done.stderr
     mean_bits = float(done.stdout.split()[0])
     assert html_out.read_text(encoding="utf-8").count("bits\">") == len(TEXT) * 2 - 1
-    evaluated = run_cli("eval", "--checkpoint", str(run), "--file", str(text_file), "--json")
+    evaluated = cli("eval", "--checkpoint", str(run), "--file", str(text_file), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
     assert report["characters"] == len(TEXT) * 2 - 1 and report["stride"] == 16
     assert report["bpc"] == pytest.approx(mean_bits, abs=1e-4)
-    done = run_cli("surprise", "--checkpoint", str(run), "--text", TEXT, "--out", str(png_out))
-    assert done.returncode == 0, done.stderr
-    assert png_shape(png_out)[1] > 300
-    bad = run_cli("surprise", "--checkpoint", str(run), "--text", "Speak", "--file", str(text_file))
+    bad = cli("surprise", "--checkpoint", str(run), "--text", "Speak", "--file", str(text_file))
     assert bad.returncode == PromptError.exit_code and bad.stderr.startswith("error: pass exactly one of")
 
 
 def test_cli_eval_val_split_matches_library(run, loaded):
-    done = run_cli("eval", "--checkpoint", str(run), "--split", "val")
+    done = cli("eval", "--checkpoint", str(run), "--split", "val")
     assert done.returncode == 0, done.stderr
     expected = evaluate.evaluate_split(loaded, "val")
     assert done.stdout.startswith(f"val split: {expected.bpc:.4f} bits/char")
     assert expected.characters == loaded.payload["data"]["val_tokens"] - 1
     # The exact val loss is close to the random-batch estimate training saved.
     assert expected.loss == pytest.approx(loaded.payload["best_val_loss"], abs=0.1)
-    bad = run_cli("eval", "--checkpoint", str(run), "--split", "test")
+    bad = cli("eval", "--checkpoint", str(run), "--split", "test")
     assert bad.returncode != 0 and bad.stderr.startswith("error: --split must be train or val")
 
 
 def test_cli_info(run, loaded):
     import yaml
 
-    done = run_cli("info", "--checkpoint", str(run))
+    done = cli("info", "--checkpoint", str(run))
     assert done.returncode == 0, done.stderr
     info = yaml.safe_load(done.stdout)
-    assert info["step"] == 20 and info["vocab_size"] == loaded.tokenizer.vocab_size
+    assert info["step"] == 12 and info["vocab_size"] == loaded.tokenizer.vocab_size
     assert info["vocabulary"] == "".join(loaded.tokenizer.chars) and "\n" in info["vocabulary"]
     assert info["parameters"] == loaded.model.num_params(non_embedding=False)
     assert info["config"]["model"]["n_layer"] == 2 and info["data"]["sources"]
     assert info["best_val_loss"] == pytest.approx(loaded.payload["best_val_loss"])
-    bad = run_cli("info", "--checkpoint", str(run / "missing.pt"))
+    bad = cli("info", "--checkpoint", str(run / "missing.pt"))
     assert bad.returncode == 4 and bad.stderr.startswith("error: checkpoint") and "Traceback" not in bad.stderr
 
 
 def test_cli_plot(run, tmp_path):
     out = tmp_path / "loss.png"
-    done = run_cli("plot", "--run", str(run), "--out", str(out))
+    done = cli("plot", "--run", str(run), "--out", str(out))
     assert done.returncode == 0, done.stderr
     height, width, _ = png_shape(out)
     assert (height, width) == (500, 800)
-    bad = run_cli("plot", "--run", str(tmp_path), "--out", str(out))
+    bad = cli("plot", "--run", str(tmp_path), "--out", str(out))
     assert bad.returncode != 0 and "no TensorBoard event files" in bad.stderr and "Traceback" not in bad.stderr

@@ -54,7 +54,10 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the directory itself is unusable; there is no temporary file to remove
         previous = " (the previous checkpoint there is intact)" if path.exists() else ""
         raise CheckpointError(
             f"could not write checkpoint {path}: {exc.strerror or exc}{previous}; "

@@ -79,14 +79,15 @@ def _device(name: str):
 
 
 def _train_args(config: Path, out_dir: Optional[Path], device: Optional[str], set_: Optional[List[str]],
-                resume: Optional[str], overwrite: bool) -> list[str]:
+                resume: bool, resume_from: Optional[Path], overwrite: bool) -> list[str]:
     """The `minigpt` arguments that repeat this train command (without --nproc) in each torchrun process."""
     args = (["--debug"] if _state["debug"] else []) + ["train", "--config", str(config)]
     args += ["--out-dir", str(out_dir)] if out_dir else []
     args += ["--device", device] if device else []
     for item in set_ or []:
         args += ["--set", item]
-    args += [f"--resume={resume}"] if resume else []
+    args += ["--resume"] if resume else []
+    args += ["--resume-from", str(resume_from)] if resume_from else []
     args += ["--overwrite"] if overwrite else []
     return args
 
@@ -98,8 +99,8 @@ def train(
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Run directory (default: runs/<config name>)."),
     device: Optional[str] = DeviceOpt,
     set_: Optional[List[str]] = SetOpt,
-    resume: Optional[str] = typer.Option(None, "--resume", flag_value="last",
-                                         help="Continue the run from its last checkpoint, or from the checkpoint PATH given."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint (run directory's last.pt)."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint file instead."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again even if the run directory holds checkpoints."),
     nproc: int = typer.Option(1, "--nproc", help="Number of data-parallel processes (launches torchrun when > 1)."),
 ) -> None:
@@ -110,9 +111,9 @@ def train(
     cfg = _load_config(config, set_, device, out_dir)
     check_launch(nproc, cfg.train.device, cfg.train.batch_size)
     if nproc > 1:
-        raise typer.Exit(launch(nproc, _train_args(config, out_dir, device, set_, resume, overwrite)))
+        raise typer.Exit(launch(nproc, _train_args(config, out_dir, device, set_, resume, resume_from, overwrite)))
     hint = f"minigpt train --config {config} --resume" + (f" --out-dir {out_dir}" if out_dir else "")
-    run_training(cfg, resume=True if resume == "last" else (resume or False), overwrite=overwrite, resume_hint=hint)
+    run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, resume_hint=hint)
 
 
 @app.command()
@@ -241,9 +242,9 @@ def surprise(
         raise PromptError("pass exactly one of --text TEXT or --file FILE")
     if out is not None and out.suffix.lower() not in (".html", ".htm", ".png"):
         raise DataError(f"--out {out}: the surprise view is written as .html or .png")
-    loaded = _load_for_inspection(checkpoint, device, unknown)
     from minigpt import evaluate, viz  # imported after the checks: torch is slow to import
 
+    loaded = _load_for_inspection(checkpoint, device, unknown)
     if file is not None:
         try:
             text = file.read_text(encoding=loaded.config.data.encoding, errors=loaded.config.data.errors)
@@ -277,11 +278,11 @@ def eval_(
 
     if file is not None and split is not None:
         raise PromptError("pass either --file FILE or --split val, not both")
-    loaded = _load_for_inspection(checkpoint, device, unknown)
     if split not in (None, "train", "val"):
         raise DataError(f"--split must be train or val, got {split!r}")
     from minigpt import evaluate  # imported after the checks: torch is slow to import
 
+    loaded = _load_for_inspection(checkpoint, device, unknown)
     if file is not None:
         result = evaluate.evaluate_file(loaded, file, stride, unknown)
     else:

@@ -39,7 +39,7 @@ class Tracker:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
 
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step if start_step > 0 else None)
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step > 0 else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         file=sys.stderr, dynamic_ncols=True, disable=not progress, mininterval=0.5)
 

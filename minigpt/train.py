@@ -217,8 +217,12 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
         say(f"resuming {payload['path']} at step {step} (best val loss {best_val:.4f})")
 
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+        except OSError as exc:
+            raise CheckpointError(f"cannot write to run directory {run_dir}: {exc.strerror or exc}; "
+                                  "choose a writable --out-dir") from exc
     step_model = model
     if device_mod.resolve_compile(t.compile, device):
         step_model = torch.compile(model)

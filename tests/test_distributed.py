@@ -98,7 +98,7 @@ def runs(tmp_path_factory) -> dict:
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "minigpt"] + cli_args(
             sets(base, corpus, "two_then_two", f"train.max_iters={total}", f"train.eval_interval={total}"))
-            + ["--nproc", "2", "--resume=last"], env=ENV, text=True, stdout=subprocess.DEVNULL, stderr=stderr)
+            + ["--nproc", "2", "--resume"], env=ENV, text=True, stdout=subprocess.DEVNULL, stderr=stderr)
         interrupt_when_past(proc, log, 2 * N, total)
         out["two_then_two_code"] = proc.wait(timeout=120)
     out["two_then_two_log"] = log.read_text(errors="replace")

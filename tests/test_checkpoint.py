@@ -1,0 +1,105 @@
+"""Checkpoints: identical behaviour after save/load, atomic writes, clear errors for bad files."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+from minigpt import checkpoint
+from minigpt.device import resolve_device
+from minigpt.errors import CheckpointError
+from minigpt.sample import load_model, sample
+from minigpt.train import train
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    from conftest import write_corpus
+
+    corpus = write_corpus(tmp / "corpus.txt")
+    return train(tiny_config(tmp, corpus, "train.max_iters=20", "train.eval_interval=10", "train.warmup_iters=2"),
+                 progress=False)
+
+
+def test_save_load_gives_identical_logits_and_sample(run, tmp_path):
+    loaded = load_model(str(run.run_dir), resolve_device("cpu"))
+    copy = tmp_path / "copy.pt"
+    payload = checkpoint.load(run.run_dir)
+    checkpoint.save(copy, {k: v for k, v in payload.items() if k not in ("format", "version", "path")})
+    again = load_model(str(copy), resolve_device("cpu"))
+    idx = torch.randint(0, loaded.tokenizer.vocab_size, (2, 16))
+    assert torch.equal(loaded.model(idx)[0], again.model(idx)[0])
+    a = sample(loaded, "All:", 40, 1.0, None, 1, seed=7)
+    b = sample(again, "All:", 40, 1.0, None, 1, seed=7)
+    assert a == b and a[0].startswith("All:") and len(a[0]) == 44
+    assert set(a[0]) <= set(loaded.tokenizer.chars)
+
+
+def test_checkpoint_is_self_contained_plain_data(run):
+    payload = torch.load(run.run_dir / checkpoint.LAST, weights_only=True)  # no pickled classes
+    assert payload["format"] == checkpoint.FORMAT and payload["version"] == checkpoint.VERSION
+    assert payload["step"] == 20 and payload["config"]["model"]["n_embd"] == 32
+    assert payload["tokenizer"]["chars"][0] == "\n"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["model"])
+    assert {"batch", "torch"} <= set(payload["rng"]) and "optimizer" in payload
+
+
+def test_run_dir_prefers_best_for_sampling_and_last_for_resume(run):
+    assert checkpoint.resolve(run.run_dir).name == "best.pt"
+    assert checkpoint.resolve(run.run_dir, prefer=checkpoint.LAST).name == "last.pt"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "truncated or not a minigpt checkpoint"),
+    (lambda p: p.write_bytes(os.urandom(4096)), "truncated or not a minigpt checkpoint"),
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: torch.save({"weights": torch.zeros(2)}, p), "not a minigpt checkpoint"),
+    (lambda p: torch.save({"format": checkpoint.FORMAT, "version": 99}, p), "format version 99"),
+    (lambda p: torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "model": {}}, p),
+     "missing config, tokenizer, step"),
+])
+def test_bad_checkpoint_files_raise_clear_errors(run, tmp_path, damage, message):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((run.run_dir / checkpoint.LAST).read_bytes())
+    damage(bad)
+    with pytest.raises(CheckpointError, match=message) as info:
+        checkpoint.load(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_missing_paths_and_empty_run_dirs(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load(tmp_path / "nothing.pt")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        checkpoint.load(tmp_path)
+
+
+def test_failed_write_keeps_previous_checkpoint_and_names_path(run, tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    target.write_bytes((run.run_dir / checkpoint.LAST).read_bytes())
+    before = target.read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=rf"could not write checkpoint {target}: No space left on device "
+                                               r"\(the previous checkpoint there is intact\)"):
+        checkpoint.save(target, {"step": 1})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    assert checkpoint.load(target)["step"] == 20
+
+
+def test_unwritable_run_directory_is_reported(run, tmp_path):
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*file-not-dir/last.pt"):
+        checkpoint.save(blocker / "last.pt", {"step": 1})

@@ -1,0 +1,141 @@
+"""End to end through the real command line (subprocesses), as a user runs it."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from minigpt import checkpoint
+
+from conftest import CONFIGS, run_cli, tiny_sets, write_corpus
+
+TAGS = {"train/loss", "val/loss", "val/bpc", "opt/lr", "opt/grad_norm", "perf/tokens_per_sec"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(tmp / "corpus.txt")
+    args = ["train", "--config", str(CONFIGS / "tiny.yaml")]
+    for s in tiny_sets(tmp, corpus):
+        args += ["--set", s]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    return tmp, tmp / "run", result
+
+
+def test_train_writes_checkpoints_config_and_tensorboard_scalars(trained):
+    tmp, run, result = trained
+    assert result.stdout == ""  # progress and summaries go to stderr
+    assert "parameters" in result.stderr and "best val loss" in result.stderr and "tensorboard --logdir" in result.stderr
+    assert (run / "last.pt").is_file() and (run / "best.pt").is_file() and (run / "config.yaml").is_file()
+    assert "n_embd: 32" in (run / "config.yaml").read_text()
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert TAGS <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("val/loss")] == [30, 60]
+    assert [e.step for e in acc.Scalars("train/loss")] == [10, 20, 30, 40, 50, 60]
+    bpc = acc.Scalars("val/bpc")[-1].value
+    assert bpc == pytest.approx(acc.Scalars("val/loss")[-1].value / 0.6931471805599453, rel=1e-5)
+    assert "samples/text/text_summary" in acc.Tags()["tensors"]
+    # Prepared data sits beside its vocabulary, reused by the next run.
+    meta = json.loads(next((tmp / "prepared").glob("*/meta.json")).read_text())
+    assert meta["vocab_size"] == len(meta["tokenizer"]["chars"]) and meta["dtype"] == "uint8"
+
+
+def test_sample_streams_text_from_the_vocabulary_to_stdout(trained):
+    _, run, _ = trained
+    result = run_cli("sample", "--checkpoint", str(run), "--prompt", "All:", "--max-new-tokens", "80", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    chars = set(checkpoint.load(run)["tokenizer"]["chars"])
+    text = result.stdout
+    assert text.startswith("All:") and len(text) == len("All:") + 80 + 1
+    assert set(text) <= chars
+    again = run_cli("sample", "--checkpoint", str(run), "--prompt", "All:", "--max-new-tokens", "80", "--seed", "3")
+    assert again.stdout == text
+
+
+def test_greedy_long_and_batched_samples(trained):
+    _, run, _ = trained
+    # Longer than block_size (32): the context is cropped, generation goes on.
+    result = run_cli("sample", "--checkpoint", str(run), "--prompt", "", "-n", "100", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) == 1 + 100 + 1  # newline start, 100 characters, final newline
+    assert run_cli("sample", "--checkpoint", str(run), "-p", "", "-n", "100", "-t", "0").stdout == result.stdout
+    batch = run_cli("sample", "--checkpoint", str(run), "-p", "All", "-n", "20", "--num-samples", "3", "--top-k", "5")
+    assert batch.returncode == 0 and batch.stdout.count("\n-----\n") == 2
+
+
+def test_help_lists_every_command_and_option():
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for command in ("train", "sample", "prepare", "config"):
+        assert command in top.stdout
+    train_help = run_cli("train", "--help").stdout
+    for option in ("--config", "--out-dir", "--device", "--set", "--resume", "--resume-from", "--overwrite", "--nproc"):
+        assert option in train_help
+    sample_help = run_cli("sample", "--help").stdout
+    for option in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--num-samples",
+                   "--seed", "--device", "--unknown"):
+        assert option in sample_help
+    assert "--force" in run_cli("prepare", "--help").stdout
+    console_script = Path(sys.executable).parent / "minigpt"
+    assert subprocess.run([str(console_script), "--help"], capture_output=True, text=True).returncode == 0
+
+
+def test_config_show_prints_resolved_yaml(tmp_path):
+    result = run_cli("config", "show", "--config", str(CONFIGS / "tiny.yaml"), "--set", "train.learning_rate=5e-4")
+    assert result.returncode == 0
+    assert "learning_rate: 0.0005" in result.stdout and "n_layer: 2" in result.stdout and "beta1: 0.9" in result.stdout
+
+
+def test_prepare_command_reports_and_reuses(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    args = ["prepare", "--config", str(CONFIGS / "tiny.yaml"), "--set", f"data.path={corpus}",
+            "--set", f"data.prepared_dir={tmp_path / 'p'}"]
+    first = run_cli(*args)
+    assert first.returncode == 0 and "vocabulary" in first.stderr
+    bin_file = next((tmp_path / "p").glob("*/train.bin"))
+    mtime = bin_file.stat().st_mtime_ns
+    assert run_cli(*args).returncode == 0 and bin_file.stat().st_mtime_ns == mtime  # reused
+    corpus.write_text(corpus.read_text() + "More text here, with new letters: XYZ.\n")
+    assert run_cli(*args).returncode == 0 and bin_file.stat().st_mtime_ns != mtime  # rebuilt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_serves_val_loss(trained):
+    _, run, _ = trained
+    port = free_port()
+    tb = Path(sys.executable).parent / "tensorboard"
+    server = subprocess.Popen([str(tb), "--logdir", str(run), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?tag=val%2Floss&run=."
+        deadline, series = time.time() + 90, None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    series = json.loads(response.read())
+                if series:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(1)
+        assert series, "TensorBoard did not serve val/loss"
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        assert [(s, pytest.approx(v)) for _, s, v in series] == [(e.step, e.value) for e in acc.Scalars("val/loss")]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

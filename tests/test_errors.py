@@ -1,0 +1,163 @@
+"""Every bad input gets one line on stderr, a non-zero exit code, no traceback, and nothing lost."""
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from minigpt import checkpoint
+from minigpt.cli import app
+
+from conftest import CONFIGS, run_cli, tiny_sets, write_corpus
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(code, stderr, *fragments, exit_code=None):
+    assert code != 0
+    if exit_code is not None:
+        assert code == exit_code
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("errors")
+    corpus = write_corpus(tmp / "corpus.txt")
+    args = ["train", "--config", str(CONFIGS / "tiny.yaml")]
+    for s in tiny_sets(tmp, corpus) + ["train.max_iters=10", "train.eval_interval=10", "train.warmup_iters=2"]:
+        args += ["--set", s]
+    code, _, stderr = invoke(*args)
+    assert code == 0, stderr
+    return tmp / "run"
+
+
+def train_args(tmp_path, corpus, *extra):
+    args = ["train", "--config", str(CONFIGS / "tiny.yaml")]
+    for s in tiny_sets(tmp_path, corpus) + list(extra):
+        args += ["--set", s]
+    return args
+
+
+def test_config_path_missing_or_directory(tmp_path):
+    code, _, err = invoke("train", "--config", str(tmp_path / "missing.yaml"))
+    assert_one_line_error(code, err, "missing.yaml does not exist", exit_code=2)
+    code, _, err = invoke("train", "--config", str(tmp_path))
+    assert_one_line_error(code, err, str(tmp_path), "is a directory")
+
+
+def test_yaml_syntax_error_and_schema_problems(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: 2\n  n_head: [\n")
+    code, _, err = invoke("train", "--config", str(bad))
+    assert_one_line_error(code, err, "bad.yaml at line", "YAML syntax error")
+    bad.write_text("model:\n  n_layr: 2\n  n_embd: 30\n  n_head: 4\ntrain:\n  learning_rate: fast\n")
+    code, _, err = invoke("config", "show", "--config", str(bad))
+    assert_one_line_error(code, err, "3 problems", "did you mean model.n_layer?", "must be a number, got 'fast'",
+                          "model.n_embd (30) must be divisible by model.n_head (4)")
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "directory"])
+def test_corpus_missing_empty_or_directory(tmp_path, kind):
+    target = {"missing": tmp_path / "nope.txt", "empty": tmp_path / "empty.txt", "directory": tmp_path / "dir"}[kind]
+    if kind == "empty":
+        target.write_text("")
+    if kind == "directory":
+        target.mkdir()
+    code, _, err = invoke(*train_args(tmp_path, target))
+    assert_one_line_error(code, err, str(target), exit_code=3)
+
+
+def test_corpus_not_utf8_names_byte_offset_and_errors_option_recovers(tmp_path):
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes(("Hello there, friend.\n" * 300).encode() + "café au lait\n".encode("latin-1") + b"more\n" * 300)
+    offset = len(("Hello there, friend.\n" * 300).encode()) + 3
+    code, _, err = invoke(*train_args(tmp_path, corpus))
+    assert_one_line_error(code, err, str(corpus), f"byte at offset {offset}", "data.errors")
+    code, _, err = invoke(*train_args(tmp_path, corpus, "data.errors=replace", "train.max_iters=2",
+                                      "train.eval_interval=2", "train.warmup_iters=0"))
+    assert code == 0, err
+
+
+def test_corpus_too_short_for_block_size(tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("abcdefghij" * 20)  # 200 characters: val split has 20
+    code, _, err = invoke(*train_args(tmp_path, corpus))
+    assert_one_line_error(code, err, "val split", "has 20 characters", "needs at least 33")
+
+
+def test_prompt_with_unknown_characters(run):
+    code, _, err = invoke("sample", "--checkpoint", str(run), "--prompt", "Zebra ß", "-n", "5")
+    assert_one_line_error(code, err, "'Z'", "'ß'", "'b'", "--unknown skip", exit_code=6)
+    code, out, err = invoke("sample", "--checkpoint", str(run), "--prompt", "Zebra", "-n", "5", "--unknown", "skip")
+    assert code == 0 and out.startswith("era")
+    code, out, err = invoke("sample", "--checkpoint", str(run), "--prompt", "Zeal", "-n", "5", "--unknown", "replace")
+    assert code == 0 and out.startswith(" eal")
+    code, _, err = invoke("sample", "--checkpoint", str(run), "--prompt", "x", "--unknown", "maybe")
+    assert_one_line_error(code, err, "--unknown must be error, skip or replace")
+
+
+def test_empty_prompt_starts_from_newline(run):
+    code, out, err = invoke("sample", "--checkpoint", str(run), "--prompt", "", "-n", "10")
+    assert code == 0 and out.startswith("\n") and len(out) == 12
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
+    (["--top-k", "0"], "--top-k must be a positive number"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+])
+def test_bad_sampling_options(run, args, fragment):
+    code, _, err = invoke("sample", "--checkpoint", str(run), "--prompt", "All", *args)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_bad_checkpoints(run, tmp_path):
+    code, _, err = invoke("sample", "--checkpoint", str(tmp_path / "none.pt"))
+    assert_one_line_error(code, err, "none.pt does not exist", exit_code=4)
+    empty_dir = tmp_path / "emptyrun"
+    empty_dir.mkdir()
+    code, _, err = invoke("sample", "--checkpoint", str(empty_dir))
+    assert_one_line_error(code, err, str(empty_dir), "holds no checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    data = (run / checkpoint.LAST).read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    code, _, err = invoke("sample", "--checkpoint", str(truncated))
+    assert_one_line_error(code, err, str(truncated), "truncated or not a minigpt checkpoint")
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(10000))
+    code, _, err = invoke("sample", "--checkpoint", str(noise))
+    assert_one_line_error(code, err, str(noise))
+
+
+def test_unavailable_device_lists_available_ones(run, tmp_path):
+    for device in ("cuda", "mps"):
+        code, _, err = invoke("sample", "--checkpoint", str(run), "--device", device)
+        assert_one_line_error(code, err, f"device '{device}' is not available", "available: cpu", exit_code=5)
+    code, _, err = invoke("train", "--config", str(CONFIGS / "tiny.yaml"), "--device", "cuda",
+                          "--out-dir", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "not available")
+
+
+def test_unwritable_run_directory(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the run directory should be")
+    args = train_args(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", "train.warmup_iters=0")
+    args += ["--out-dir", str(blocker / "run")]
+    code, _, err = invoke(*args)
+    assert_one_line_error(code, err, str(blocker / "run"))
+
+
+def test_debug_flag_shows_traceback(tmp_path):
+    result = run_cli("--debug", "train", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr

@@ -1,0 +1,111 @@
+"""Training loop: repeatability, exact resume, refusal rules, non-finite loss, LR schedule."""
+
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from minigpt import checkpoint
+from minigpt.config import TrainConfig
+from minigpt.errors import CheckpointError, TrainingError
+from minigpt.model import GPT
+from minigpt.train import get_lr, train
+
+from conftest import tiny_config
+
+FAST = ["train.warmup_iters=2", "train.log_interval=1", "train.sample_chars=0", "train.eval_iters=2", "model.dropout=0.1"]
+
+
+def scalars(run_dir, tag):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    t = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    lrs = [get_lr(s, t) for s in range(120)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rising during warmup
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))  # cosine decay
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-6)  # halfway point of the cosine
+    assert lrs[100] == lrs[119] == pytest.approx(1e-4)
+
+
+def test_same_config_twice_gives_same_losses(tmp_path, corpus):
+    a = train(tiny_config(tmp_path / "a", corpus, "train.max_iters=12", "train.eval_interval=6", *FAST), progress=False)
+    b = train(tiny_config(tmp_path / "b", corpus, "train.max_iters=12", "train.eval_interval=6", *FAST), progress=False)
+    assert scalars(a.run_dir, "train/loss") == scalars(b.run_dir, "train/loss")
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+    assert a.history[-1]["val_loss"] < math.log(65)
+
+
+def test_resume_is_bit_exact_with_uninterrupted_run(tmp_path, corpus):
+    sets = ["train.eval_interval=5", "train.gradient_accumulation_steps=2", *FAST]
+    straight = train(tiny_config(tmp_path / "s", corpus, "train.max_iters=20", *sets), progress=False)
+    first = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=10", *sets), progress=False)
+    resumed = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=20", *sets), resume=True, progress=False)
+    assert first.step == 10 and resumed.step == straight.step == 20
+    # Identical losses at every step, read back from TensorBoard (no duplicated or missing steps) ...
+    assert scalars(resumed.run_dir, "train/loss") == scalars(straight.run_dir, "train/loss")
+    assert [s for s, _ in scalars(resumed.run_dir, "train/loss")] == list(range(1, 21))
+    # ... and identical final weights, optimizer moments and best validation loss.
+    a = checkpoint.load(straight.run_dir, prefer=checkpoint.LAST)
+    b = checkpoint.load(resumed.run_dir, prefer=checkpoint.LAST)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert a["best_val_loss"] == b["best_val_loss"] and a["step"] == b["step"] == 20
+
+
+def test_resume_refuses_shape_change_and_allows_harmless_ones(tmp_path, corpus, capsys):
+    train(tiny_config(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", *FAST), progress=False)
+    with pytest.raises(CheckpointError, match=r"model shape \(model.n_embd 32 -> 64\)"):
+        train(tiny_config(tmp_path, corpus, "train.max_iters=8", "model.n_embd=64", *FAST), resume=True, progress=False)
+    result = train(tiny_config(tmp_path, corpus, "train.max_iters=8", "train.eval_interval=4",
+                               "train.learning_rate=1e-3", *FAST), resume=True, progress=False)
+    assert result.step == 8
+    err = capsys.readouterr().err
+    assert "resuming with changed settings" in err and "train.learning_rate 0.003 -> 0.001" in err
+    assert "train.max_iters 4 -> 8" in err
+
+
+def test_resume_refuses_a_different_vocabulary(tmp_path, corpus):
+    train(tiny_config(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", *FAST), progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text("xyz" * 4000 + "QQ\n" * 1000)
+    with pytest.raises(CheckpointError, match="vocabulary differs"):
+        train(tiny_config(tmp_path, other, "train.max_iters=8", *FAST), resume=True, progress=False)
+
+
+def test_fresh_run_does_not_overwrite_existing_checkpoints(tmp_path, corpus):
+    train(tiny_config(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", *FAST), progress=False)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint; pass --resume"):
+        train(tiny_config(tmp_path, corpus, "train.max_iters=4", *FAST), progress=False)
+    assert train(tiny_config(tmp_path, corpus, "train.max_iters=4", *FAST), overwrite=True, progress=False).step == 4
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    cfg = tiny_config(tmp_path, corpus, "train.max_iters=10", "train.eval_interval=5", *FAST)
+    train(cfg, progress=False)
+    last = cfg.run_dir() / checkpoint.LAST
+    best = cfg.run_dir() / checkpoint.BEST
+    before = (last.read_bytes(), best.read_bytes())
+    calls = {"n": 0}
+    real_forward = GPT.forward
+
+    def poisoned(self, idx, targets=None, kv_cache=None):
+        logits, loss = real_forward(self, idx, targets, kv_cache)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] >= 3:  # step 13 of the resumed run
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    cfg20 = tiny_config(tmp_path, corpus, "train.max_iters=20", "train.eval_interval=5", *FAST)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 13.*last\.pt is untouched.*lower train\.learning_rate"):
+        train(cfg20, resume=True, progress=False)
+    assert (last.read_bytes(), best.read_bytes()) == before

@@ -8,6 +8,7 @@ minigpt.errors); `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -112,7 +113,7 @@ def train(
     check_launch(nproc, cfg.train.device, cfg.train.batch_size)
     if nproc > 1:
         raise typer.Exit(launch(nproc, _train_args(config, out_dir, device, set_, resume, resume_from, overwrite)))
-    hint = f"minigpt train --config {config} --resume" + (f" --out-dir {out_dir}" if out_dir else "")
+    hint = shlex.join(["minigpt"] + _train_args(config, out_dir, device, set_, True, None, False))
     run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, resume_hint=hint)
 
 

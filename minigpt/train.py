@@ -327,9 +327,7 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
                         save(last_path, best_val)
                     world.barrier()  # no process exits (and gets its peers killed) before rank 0 has saved
                     name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
-                    error = Interrupted(f"stopped by {name} at step {step}; saved {last_path}; continue with: "
-                                        f"minigpt train --config <your config> --resume"
-                                        + (f" --out-dir {run_dir}" if t.out_dir else ""))
+                    error = Interrupted(f"stopped by {name} at step {step}; saved {last_path}; continue with: {resume_hint}")
                     error.exit_code = 130 if signals.received == signal.SIGINT else 143
                     raise error
         if best_val < float("inf"):

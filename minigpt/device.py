@@ -6,12 +6,15 @@ hardware at hand. The CPU choices were measured with `minigpt bench` (see README
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from minigpt.errors import DeviceError
+from minigpt.tracking import log
 
 
 def available_devices() -> list[str]:
@@ -79,6 +82,29 @@ def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     if setting == "auto":
         return device.type in ("cuda", "cpu")
     return bool(setting)
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile cannot work here (no C++ compiler for CPU kernels), or None if it can."""
+    if device.type == "cpu":
+        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+        if not any(shutil.which(name) for name in names):
+            return f"no C++ compiler found ({', '.join(names)}), which torch.compile needs for CPU kernels"
+    return None
+
+
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile(model), or the model itself (with a note on stderr) when compiling cannot work.
+
+    Compilation happens lazily at the first forward pass; a failure there also falls back to
+    eager execution (torch._dynamo's suppress_errors) instead of stopping the run.
+    """
+    problem = compile_problem(device)
+    if problem:
+        log(f"note: running eager, not compiled: {problem}; set train.compile=false to silence this")
+        return model
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)
 
 
 def set_threads(threads: int) -> int:

@@ -1,0 +1,366 @@
+"""`minigpt bench`: how fast training, evaluation, sampling and prepare run on this machine.
+
+Everything is measured in one process (prepare in a child process, so that its peak memory is
+its own), so the ratios between the figures are fair even when the machine's absolute speed
+drifts. Training, evaluation and sampling use a small generated corpus, so no download is needed.
+
+Training throughput is measured for two settings of the same model:
+
+* the config's own settings (`auto` resolves to what minigpt.device chose for this device), and
+* plain eager float32 with the explicit, step-by-step attention (no compile, no fused kernel).
+
+Both are warmed up first; the time of the warm-up steps beyond the steady step time is reported
+as `compile_s`. The two settings are then timed in alternating rounds and each keeps its best
+round, so a burst of load from other processes does not favour one of them.
+
+Model FLOPs utilisation (MFU), as in PaLM (Chowdhery et al., 2022, appendix B) and nanoGPT:
+
+    FLOPs per token (training) = 6 * N + 12 * n_layer * n_embd * block_size
+
+where N is the parameter count without position embeddings (6N: forward 2N plus backward 4N
+for the matmuls with weights; the second term is the attention scores and weighted sum, which
+have no parameters). MFU = FLOPs per token * tokens/s / peak, where the peak is the best
+float32 throughput of a large matmul timed by this command on the same device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import random
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from minigpt import data, device as device_mod
+from minigpt.config import Config
+from minigpt.distributed import World
+from minigpt.model import GPT
+from minigpt.sample import generate
+from minigpt.train import make_optimizer, rank_batch
+
+SAMPLE_TOKENS = 1000  # new tokens per sampling measurement
+SAMPLE_BATCH = 8  # sequences in the batched sampling measurement
+CORPUS_MB = 2  # size of the generated corpus the model trains on
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (VmHWM on Linux, ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def write_corpus(path: Path, n_bytes: int, seed: int = 0) -> Path:
+    """Write about `n_bytes` of generated word-like text (mostly ASCII, a few accented words)."""
+    rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(3000)]
+    words += ["café", "naïve", "Zürich", "señor", "—"]
+    lines = []
+    for _ in range(20000):
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
+        lines.append(line.capitalize() + rng.choice(".,;:!?"))
+    block = ("\n".join(lines) + "\n\n").encode("utf-8")
+    with open(path, "wb") as f:
+        written = 0
+        while written < n_bytes:
+            piece = block[: n_bytes - written]
+            while piece and (piece[-1] & 0xC0) == 0x80:  # never cut a UTF-8 character in two
+                piece = piece[:-1]
+            if not piece:
+                break
+            f.write(piece)
+            written += len(piece)
+    return path
+
+
+def matmul_peak_gflops(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.float32,
+                       repeats: int = 8) -> float:
+    """The best throughput of an (n x n) @ (n x n) matmul on `device`, in GFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def train_flops_per_token(model: GPT) -> float:
+    """6 N + 12 n_layer n_embd block_size (PaLM / nanoGPT), N without position embeddings."""
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class Trainer:
+    """One training setup: a model, its optimizer and the step function that drives them."""
+
+    name: str
+    model: GPT
+    step_model: torch.nn.Module
+    step: Callable[[], torch.Tensor]
+    precision: device_mod.Precision
+    compiled: bool
+    tokens_per_step: int
+    warmup_s: float = 0.0
+    best_step_s: float = float("inf")
+
+
+def make_trainer(name: str, cfg: Config, tokens, vocab_size: int, device: torch.device) -> Trainer:
+    """Build model, AdamW and one training step the way minigpt.train does (same helpers, same order)."""
+    t = cfg.train
+    precision = device_mod.resolve_precision(t.dtype, device)
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model, vocab_size).to(device)
+    model.set_fused_attention(t.fused_attention)
+    optimizer = make_optimizer(model, t, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    compiled = device_mod.resolve_compile(t.compile, device)
+    step_model = device_mod.compile_model(model, device) if compiled else model
+    generator = torch.Generator().manual_seed(t.seed)
+    world = World()
+    accum = t.gradient_accumulation_steps
+
+    def step() -> torch.Tensor:
+        total = torch.zeros((), device=device)
+        for _ in range(accum):
+            x, y = rank_batch(tokens, cfg, generator, world, device)
+            with precision.autocast(device):
+                _, loss = step_model(x, y)
+                loss = loss / accum
+            scaler.scale(loss).backward()
+            total += loss.detach().float()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    return Trainer(name, model, step_model, step, precision, compiled,
+                   t.batch_size * accum * cfg.model.block_size)
+
+
+def warm_up(trainer: Trainer, steps: int, device: torch.device) -> None:
+    """Run the first steps (where torch.compile compiles), timing them as a whole."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = trainer.step()
+    loss.item()
+    _sync(device)
+    trainer.warmup_s = time.perf_counter() - start
+
+
+def timed_round(trainer: Trainer, steps: int, device: torch.device) -> None:
+    """Time `steps` steady-state steps; keep the best seconds per step seen so far."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = trainer.step()
+    loss.item()  # one host sync per round, as training syncs once per log interval
+    _sync(device)
+    trainer.best_step_s = min(trainer.best_step_s, (time.perf_counter() - start) / steps)
+
+
+def compare_training(trainers: list[Trainer], device: torch.device, warmup_steps: int, rounds: int,
+                     round_seconds: float) -> None:
+    """Warm every trainer up, then time them in alternating rounds of about `round_seconds` each."""
+    for trainer in trainers:
+        warm_up(trainer, warmup_steps, device)
+    for r in range(rounds):
+        for trainer in (trainers if r % 2 == 0 else trainers[::-1]):
+            estimate = trainer.best_step_s if trainer.best_step_s < float("inf") else trainer.warmup_s / warmup_steps
+            timed_round(trainer, max(3, int(round_seconds / max(estimate, 1e-4))), device)
+
+
+# ----------------------------------------------------------------------------- eval and sampling
+
+@torch.no_grad()
+def eval_tokens_per_s(trainer: Trainer, tokens, cfg: Config, device: torch.device, batches: int = 30) -> float:
+    """Forward passes with loss under no_grad, as minigpt.train.estimate_loss runs them."""
+    trainer.step_model.eval()
+    generator = torch.Generator().manual_seed(0)
+    world = World()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            x, y = rank_batch(tokens, cfg, generator, world, device)
+            with trainer.precision.autocast(device):
+                _, loss = trainer.step_model(x, y)
+        loss.item()
+
+    run(3)  # warm-up (and compile of the no-grad graph, if compiled)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        run(batches // 3)
+        best = min(best, (time.perf_counter() - start) / (batches // 3))
+    trainer.step_model.train()
+    return cfg.train.batch_size * cfg.model.block_size / best
+
+
+def sample_tokens_per_s(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool,
+                        repeats: int = 2) -> float:
+    """New tokens per second (over all sequences of the batch) for one generate() call, best of `repeats`."""
+    model.eval()
+    best = float("inf")
+    for r in range(repeats):
+        generator = torch.Generator(device=prompt.device).manual_seed(r)
+        start = time.perf_counter()
+        for _ in generate(model, prompt, new_tokens, 1.0, None, generator, use_cache=use_cache):
+            pass
+        _sync(prompt.device)
+        best = min(best, time.perf_counter() - start)
+    return prompt.size(0) * new_tokens / best
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def _prepare_child(corpus: str, prepared_dir: str) -> dict:
+    """Run in a fresh process: prepare `corpus`; report seconds and this process's peak memory."""
+    from minigpt.config import DataConfig
+
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    data.prepare(DataConfig(path=corpus, prepared_dir=prepared_dir), block_size=8, force=True)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "start_rss_mb": before}
+
+
+def measure_prepare(megabytes: float, workdir: Path) -> dict:
+    """Generate a corpus of `megabytes` MB and prepare it in a child process: MB/s and peak RSS."""
+    corpus = write_corpus(workdir / "prepare_corpus.txt", int(megabytes * 1024 * 1024), seed=1)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        result = pool.submit(_prepare_child, str(corpus), str(workdir / "prepare_out")).result()
+    size_mb = corpus.stat().st_size / (1024 * 1024)
+    corpus.unlink()
+    return {"mb": size_mb, "mb_per_s": size_mb / result["seconds"], **result}
+
+
+# ----------------------------------------------------------------------------- the whole benchmark
+
+def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int = 4,
+        round_seconds: float = 2.0, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure everything on cfg.train.device and return the report (see the module docstring)."""
+    say = progress or (lambda message: None)
+    device = device_mod.resolve_device(cfg.train.device)
+    threads = device_mod.set_threads(cfg.train.threads)
+    report: dict = {"device": str(device), "torch_version": torch.__version__, "threads": threads}
+    with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as tmp:
+        workdir = Path(tmp)
+        cfg.data.path = str(write_corpus(workdir / "corpus.txt", CORPUS_MB * 1024 * 1024))
+        cfg.data.prepared_dir = str(workdir / "prepared")
+        prepared = data.prepare(cfg.data, cfg.model.block_size)
+        tokens = prepared.tokens("train")
+        vocab = prepared.tokenizer.vocab_size
+
+        say("measuring the matmul peak")
+        peak = matmul_peak_gflops(device)
+        eager_cfg = _with_train(cfg, compile=False, dtype="float32", fused_attention=False)
+        say("building and warming up the default and the eager float32 trainers (compiling, if enabled)")
+        default = make_trainer("default", cfg, tokens, vocab, device)
+        eager = make_trainer("eager_fp32", eager_cfg, tokens, vocab, device)
+        compare_training([default, eager], device, warmup_steps, rounds, round_seconds)
+        train_rss = peak_rss_mb()
+        flops = train_flops_per_token(default.model)
+        default_tps = default.tokens_per_step / default.best_step_s
+        eager_tps = eager.tokens_per_step / eager.best_step_s
+        compile_s = max(0.0, default.warmup_s - warmup_steps * default.best_step_s) if default.compiled else 0.0
+        report.update({
+            "dtype": default.precision.name, "compile": default.compiled,
+            "fused_attention": cfg.train.fused_attention,
+            "params": default.model.num_params(), "train_flops_per_token": flops,
+            "matmul_peak_gflops": peak,
+            "train_tokens_per_s": default_tps, "train_tokens_per_s_eager_fp32": eager_tps,
+            "speedup_vs_eager": default_tps / eager_tps,
+            "mfu": flops * default_tps / (peak * 1e9), "mfu_eager_fp32": flops * eager_tps / (peak * 1e9),
+            "compile_s": compile_s, "train_peak_rss_mb": train_rss,
+        })
+
+        say("measuring evaluation")
+        report["eval_tokens_per_s"] = eval_tokens_per_s(default, tokens, cfg, device)
+
+        say(f"measuring sampling ({SAMPLE_TOKENS} new tokens)")
+        model = default.model.eval()
+        prompt = torch.tensor([prepared.tokenizer.encode("The ")], dtype=torch.long, device=device)
+        cached = sample_tokens_per_s(model, prompt, SAMPLE_TOKENS, use_cache=True)
+        uncached = sample_tokens_per_s(model, prompt, SAMPLE_TOKENS, use_cache=False)
+        batch = sample_tokens_per_s(model, prompt.repeat(SAMPLE_BATCH, 1), SAMPLE_TOKENS, use_cache=True)
+        report.update({"sample_tokens_per_s_cached": cached, "sample_tokens_per_s_uncached": uncached,
+                       "cache_speedup": cached / uncached, "sample_batch_size": SAMPLE_BATCH,
+                       "sample_tokens_per_s_batch": batch})
+        del default, eager, model
+
+        say(f"measuring prepare on a generated {prepare_mb:g} MB corpus (in a child process)")
+        prep = measure_prepare(prepare_mb, workdir)
+        report.update({"prepare_mb": prep["mb"], "prepare_mb_per_s": prep["mb_per_s"],
+                       "prepare_peak_rss_mb": prep["peak_rss_mb"], "prepare_start_rss_mb": prep["start_rss_mb"]})
+    return report
+
+
+def _with_train(cfg: Config, **changes) -> Config:
+    """A copy of cfg with some train settings changed."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+ROWS = [  # (key, label, format)
+    ("device", "device", "{}"), ("threads", "threads", "{}"), ("torch_version", "torch", "{}"),
+    ("dtype", "default dtype", "{}"), ("compile", "default compile", "{}"),
+    ("params", "parameters (no wpe)", "{:,}"), ("matmul_peak_gflops", "matmul peak fp32", "{:,.1f} GFLOP/s"),
+    ("train_tokens_per_s", "train, default settings", "{:,.0f} tokens/s"),
+    ("train_tokens_per_s_eager_fp32", "train, eager fp32 explicit attn", "{:,.0f} tokens/s"),
+    ("speedup_vs_eager", "  speed-up", "{:.2f}x"),
+    ("mfu", "MFU, default", "{:.1%}"), ("mfu_eager_fp32", "MFU, eager fp32", "{:.1%}"),
+    ("compile_s", "compile time", "{:.1f} s"), ("train_peak_rss_mb", "train peak RSS", "{:,.0f} MB"),
+    ("eval_tokens_per_s", "eval (no_grad)", "{:,.0f} tokens/s"),
+    ("sample_tokens_per_s_cached", "sample, KV cache", "{:,.0f} tokens/s"),
+    ("sample_tokens_per_s_uncached", "sample, no cache", "{:,.0f} tokens/s"),
+    ("cache_speedup", "  speed-up", "{:.2f}x"),
+    ("sample_tokens_per_s_batch", "sample, batch of 8, KV cache", "{:,.0f} tokens/s"),
+    ("prepare_mb_per_s", "prepare", "{:,.1f} MB/s"), ("prepare_peak_rss_mb", "prepare peak RSS", "{:,.0f} MB"),
+]
+
+
+def format_table(report: dict) -> str:
+    """The report as aligned 'label  value' lines."""
+    width = max(len(label) for _, label, _ in ROWS)
+    lines = [f"{label:<{width}}  {fmt.format(report[key])}" for key, label, fmt in ROWS if key in report]
+    return "\n".join(lines)
+
+
+def to_json(report: dict) -> str:
+    """The report as one line of JSON, floats rounded to 4 significant digits."""
+    return json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in report.items()})
+

@@ -318,3 +318,26 @@ def plot(
 
     figure = viz.loss_figure(viz.read_scalars(run), title=f"loss of {run}")
     typer.echo(f"wrote {viz.save_figure(figure, out)}", err=True)
+
+
+@app.command()
+@user_errors
+def bench(
+    config: Path = ConfigOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+    prepare_mb: float = typer.Option(64, "--prepare-mb", help="Size in MB of the generated corpus prepare is timed on."),
+    device: Optional[str] = DeviceOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Measure training, evaluation, sampling and prepare speed on this machine (table on stderr)."""
+    from minigpt import bench as bench_mod
+
+    if prepare_mb <= 0:
+        from minigpt.errors import ConfigError
+
+        raise ConfigError(f"--prepare-mb must be positive, got {prepare_mb}")
+    cfg = _load_config(config, set_, device)
+    report = bench_mod.run(cfg, prepare_mb=prepare_mb, progress=lambda m: typer.echo(m, err=True))
+    typer.echo(bench_mod.format_table(report), err=True)
+    if json_out:
+        typer.echo(bench_mod.to_json(report))

@@ -225,7 +225,7 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
                                   "choose a writable --out-dir") from exc
     step_model = model
     if device_mod.resolve_compile(t.compile, device):
-        step_model = torch.compile(model)
+        step_model = device_mod.compile_model(model, device)  # falls back to eager with a note
     step_model = world.wrap(step_model)
 
     def save(path: Path, best_val_loss: float) -> None:

@@ -25,11 +25,10 @@ float32 throughput of a large matmul timed by this command on the same device.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import multiprocessing
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ import torch
 from minigpt import data, device as device_mod
 from minigpt.config import Config
 from minigpt.distributed import World
+from minigpt.errors import MiniGPTError
 from minigpt.model import GPT
 from minigpt.sample import generate
 from minigpt.train import make_optimizer, rank_batch
@@ -52,6 +52,10 @@ CORPUS_MB = 2  # size of the generated corpus the model trains on
 
 
 # ----------------------------------------------------------------------------- helpers
+
+class BenchError(MiniGPTError):
+    """A measurement could not be made (e.g. the prepare child process failed)."""
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -246,22 +250,36 @@ def sample_tokens_per_s(model: GPT, prompt: torch.Tensor, new_tokens: int, use_c
 
 # ----------------------------------------------------------------------------- prepare
 
-def _prepare_child(corpus: str, prepared_dir: str) -> dict:
-    """Run in a fresh process: prepare `corpus`; report seconds and this process's peak memory."""
-    from minigpt.config import DataConfig
+# Run in a fresh interpreter that imports minigpt.data only (not torch), so the peak memory it
+# reports is prepare's own: its arguments are the corpus and the output directory.
+PREPARE_CHILD = """
+import json, resource, sys, time
+from minigpt import data
+from minigpt.config import DataConfig
 
-    before = peak_rss_mb()
-    start = time.perf_counter()
-    data.prepare(DataConfig(path=corpus, prepared_dir=prepared_dir), block_size=8, force=True)
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "start_rss_mb": before}
+def peak_mb():
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(l.split()[1]) / 1024 for l in f if l.startswith('VmHWM:'))
+    except OSError:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == 'darwin' else rss / 1024
+
+before = peak_mb()
+start = time.perf_counter()
+data.prepare(DataConfig(path=sys.argv[1], prepared_dir=sys.argv[2]), block_size=8, force=True)
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb(), "start_rss_mb": before}))
+"""
 
 
 def measure_prepare(megabytes: float, workdir: Path) -> dict:
     """Generate a corpus of `megabytes` MB and prepare it in a child process: MB/s and peak RSS."""
     corpus = write_corpus(workdir / "prepare_corpus.txt", int(megabytes * 1024 * 1024), seed=1)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        result = pool.submit(_prepare_child, str(corpus), str(workdir / "prepare_out")).result()
+    child = subprocess.run([sys.executable, "-c", PREPARE_CHILD, str(corpus), str(workdir / "prepare_out")],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        raise BenchError(f"prepare of the generated corpus failed in its child process: {child.stderr.strip()[-500:]}")
+    result = json.loads(child.stdout)
     size_mb = corpus.stat().st_size / (1024 * 1024)
     corpus.unlink()
     return {"mb": size_mb, "mb_per_s": size_mb / result["seconds"], **result}

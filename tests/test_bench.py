@@ -1,0 +1,43 @@
+"""Bench helpers and the compile fallback (the full benchmark is too slow for the unit suite)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from minigpt import bench, device as device_mod
+from minigpt.config import ModelConfig
+from minigpt.model import GPT
+
+
+def test_compile_without_a_compiler_falls_back_to_eager(monkeypatch, capsys):
+    monkeypatch.setattr(device_mod.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    model = torch.nn.Linear(2, 2)
+    assert device_mod.compile_model(model, torch.device("cpu")) is model
+    assert "no C++ compiler" in capsys.readouterr().err
+
+
+def test_train_flops_per_token_is_the_palm_formula():
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8), 10)
+    assert bench.train_flops_per_token(model) == 6 * model.num_params() + 12 * 2 * 16 * 8
+
+
+def test_generated_corpus_is_valid_utf8_of_the_requested_size(tmp_path):
+    path = bench.write_corpus(tmp_path / "c.txt", 100_003)
+    text = path.read_bytes().decode("utf-8")
+    assert 100_000 - 4 <= path.stat().st_size <= 100_003 and "é" in text
+
+
+def test_prepare_is_measured_in_a_child_process(tmp_path):
+    result = bench.measure_prepare(1, tmp_path)
+    assert result["mb_per_s"] > 0 and result["peak_rss_mb"] >= result["start_rss_mb"] > 0
+    assert not (tmp_path / "prepare_corpus.txt").exists()
+
+
+def test_report_renders_as_table_and_json():
+    report = {"device": "cpu", "threads": 2, "train_tokens_per_s": 1234.0, "speedup_vs_eager": 1.5, "mfu": 0.3}
+    table = bench.format_table(report)
+    assert "1,234 tokens/s" in table and "1.50x" in table
+    assert json.loads(bench.to_json(report))["train_tokens_per_s"] == 1234.0

@@ -44,7 +44,7 @@ from minigpt.distributed import World
 from minigpt.errors import MiniGPTError
 from minigpt.model import GPT
 from minigpt.sample import generate
-from minigpt.train import make_optimizer, rank_batch
+from minigpt.train import make_optimizer, rank_batch, train_step
 
 SAMPLE_TOKENS = 1000  # new tokens per sampling measurement
 SAMPLE_BATCH = 8  # sequences in the batched sampling measurement
@@ -154,26 +154,14 @@ def make_trainer(name: str, cfg: Config, tokens, vocab_size: int, device: torch.
     step_model = device_mod.compile_model(model, device) if compiled else model
     generator = torch.Generator().manual_seed(t.seed)
     world = World()
-    accum = t.gradient_accumulation_steps
 
     def step() -> torch.Tensor:
-        total = torch.zeros((), device=device)
-        for _ in range(accum):
-            x, y = rank_batch(tokens, cfg, generator, world, device)
-            with precision.autocast(device):
-                _, loss = step_model(x, y)
-                loss = loss / accum
-            scaler.scale(loss).backward()
-            total += loss.detach().float()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return total
+        loss, _ = train_step(step_model, model, optimizer, scaler, precision, world, t,
+                             lambda: rank_batch(tokens, cfg, generator, world, device))
+        return loss
 
     return Trainer(name, model, step_model, step, precision, compiled,
-                   t.batch_size * accum * cfg.model.block_size)
+                   t.batch_size * t.gradient_accumulation_steps * cfg.model.block_size)
 
 
 def warm_up(trainer: Trainer, steps: int, device: torch.device) -> None:

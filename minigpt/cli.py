@@ -8,6 +8,7 @@ minigpt.errors); `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-from minigpt.errors import MiniGPTError
+from minigpt.errors import Interrupted, MiniGPTError, TrainingError
 
 app = typer.Typer(
     name="minigpt",
@@ -45,7 +46,10 @@ def user_errors(fn: Callable) -> Callable:
         except MiniGPTError as exc:
             if _state["debug"]:
                 raise
-            typer.echo(f"error: {exc}", err=True)
+            # Stops that every torchrun process agrees on (Ctrl-C, a NaN loss) are reported by rank 0 only.
+            agreed = isinstance(exc, (Interrupted, TrainingError))
+            if not (agreed and os.environ.get("RANK", "0") != "0"):
+                typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             if _state["debug"]:

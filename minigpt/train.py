@@ -55,6 +55,32 @@ def make_optimizer(model: GPT, t: TrainConfig, device: torch.device) -> torch.op
         return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), foreach=True)
 
 
+def train_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, precision: device_mod.Precision, world: World, t: TrainConfig,
+               next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: forward and backward over the micro-batches, clip, step; returns (loss, grad norm).
+
+    Both results stay on the device (no host sync). `step_model` is what runs the forward pass (the
+    model, compiled and/or wrapped in DDP); `model` is the plain module whose gradients are clipped.
+    """
+    accum = t.gradient_accumulation_steps
+    step_loss = None
+    for micro in range(accum):
+        x, y = next_batch()
+        with world.no_sync(step_model, skip=micro < accum - 1):  # all-reduce only on the last micro-step
+            with precision.autocast(x.device):
+                _, loss = step_model(x, y)
+                loss = loss / accum
+            scaler.scale(loss).backward()
+        step_loss = loss.detach().float() if step_loss is None else step_loss + loss.detach().float()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm.detach()
+
+
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, tokens: dict, cfg: Config, device: torch.device,
                   precision: device_mod.Precision, world: World) -> dict[str, float]:
@@ -262,22 +288,11 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
                 lr = get_lr(step, t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                step_loss = torch.zeros((), device=device)
-                for micro in range(t.gradient_accumulation_steps):
-                    x, y = rank_batch(tokens["train"], cfg, batch_generator, world, device)
-                    with world.no_sync(step_model, skip=micro < t.gradient_accumulation_steps - 1):
-                        with precision.autocast(device):
-                            _, loss = step_model(x, y)
-                            loss = loss / t.gradient_accumulation_steps
-                        scaler.scale(loss).backward()
-                    step_loss += loss.detach().float()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                step_loss, grad_norm = train_step(
+                    step_model, model, optimizer, scaler, precision, world, t,
+                    lambda: rank_batch(tokens["train"], cfg, batch_generator, world, device))
                 step += 1
-                pending.append((step, step_loss, grad_norm.detach()))
+                pending.append((step, step_loss, grad_norm))
 
                 evaluate = step % t.eval_interval == 0 or step == t.max_iters
                 stopping = world.any(signals.received is not None)

@@ -41,3 +41,25 @@ def test_report_renders_as_table_and_json():
     table = bench.format_table(report)
     assert "1,234 tokens/s" in table and "1.50x" in table
     assert json.loads(bench.to_json(report))["train_tokens_per_s"] == 1234.0
+
+
+def test_full_benchmark_report_is_consistent(tmp_path):
+    from minigpt import config as config_mod
+
+    from conftest import CONFIGS
+
+    cfg = config_mod.load(CONFIGS / "tiny.yaml", ["train.device=cpu"])
+    report = bench.run(cfg, prepare_mb=1, warmup_steps=2, rounds=1, round_seconds=0.3)
+    for key in ("train_tokens_per_s", "train_tokens_per_s_eager_fp32", "mfu", "mfu_eager_fp32", "compile_s",
+                "sample_tokens_per_s_cached", "sample_tokens_per_s_uncached", "eval_tokens_per_s",
+                "prepare_mb_per_s", "prepare_peak_rss_mb", "train_peak_rss_mb", "device", "dtype",
+                "torch_version", "threads"):
+        assert key in report, key
+    assert report["device"] == "cpu" and report["dtype"] == "float32" and report["compile"] is False
+    assert report["speedup_vs_eager"] == report["train_tokens_per_s"] / report["train_tokens_per_s_eager_fp32"]
+    peak = report["matmul_peak_gflops"] * 1e9
+    assert report["mfu"] == report["train_flops_per_token"] * report["train_tokens_per_s"] / peak
+    assert report["cache_speedup"] == report["sample_tokens_per_s_cached"] / report["sample_tokens_per_s_uncached"]
+    assert 0 < report["mfu"] < 1 and report["prepare_mb"] == 1.0
+    assert report["prepare_peak_rss_mb"] >= report["prepare_start_rss_mb"] > 0
+    assert json.loads(bench.to_json(report))["threads"] == report["threads"]

@@ -80,16 +80,17 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
-    """'auto' compiles on CUDA and CPU, not on MPS.
+    """'auto' compiles on CUDA only.
 
-    Measured on a 2-core CPU (configs/baby_cpu.yaml, best of alternating rounds in one process):
-    compiled fp32 ran 1.12-1.41x the tokens/s of eager fp32 with the explicit attention and about
-    1.1x eager with the fused attention, for 21-26 s of compile time on a cold cache (about 5 s
-    once torch's on-disk graph cache is warm). Within a 5-minute run that roughly breaks even
-    against fused eager and pays back in longer runs, so auto compiles; train.compile=false skips it.
+    Measured on an idle 2-core AVX-512 CPU with `minigpt bench --config configs/baby_cpu.yaml`
+    (one process, best of alternating rounds): compiled fp32 ran 0.92x the tokens/s of eager fp32
+    with the explicit attention (18,520 vs 20,100), while eager with the fused attention ran about
+    1.2x; compiling also costs about 29 s on a cold cache. For configs/shakespeare_char_cpu.yaml
+    the whole 5-minute run took 5:11 compiled against 5:01 eager. So on CPU (and MPS) auto stays
+    eager; set train.compile=true to try it on a bigger CPU or model.
     """
     if setting == "auto":
-        return device.type in ("cuda", "cpu")
+        return device.type == "cuda"
     return bool(setting)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from minigpt.config import Config, ModelConfig
 from minigpt.model import GPT
-from minigpt.sample import LoadedModel, decode_step, decode_weights, generate, sample
+from minigpt.sample import LoadedModel, decode_step, decode_weights, generate, rebuild_keep, sample
 from minigpt.tokenizer import CharTokenizer
 
 VOCAB = 20
@@ -78,14 +78,14 @@ def test_beyond_block_size_model_never_sees_more_than_block_size(monkeypatch):
     out = greedy(model, [[1, 2, 3]], 40, use_cache=True)
     assert len(out[0]) == 40
     assert seen and all(t + cached <= 8 for t, cached in seen)
-    assert any(t == 6 for t, _ in seen[1:])  # the cache was rebuilt from the last 3/4 of the window
+    assert any(t == rebuild_keep(8) for t, _ in seen[1:])  # the cache was rebuilt from the window's last half
     # The lean decode path bypasses _trunk: check its cache never overflows (LayerCache raises if so).
 
 
 def reference_rebuild_strategy(model: GPT, prompt: list[int], n: int) -> list[int]:
     """The documented strategy without a cache: a window that grows to block_size, then restarts
-    from its last 3/4; every id comes from a full forward over the current window."""
-    block, keep = model.config.block_size, (3 * model.config.block_size) // 4
+    from its last half; every id comes from a full forward over the current window."""
+    block, keep = model.config.block_size, rebuild_keep(model.config.block_size)
     window, out = prompt[-block:], []
     with torch.no_grad():
         for _ in range(n):

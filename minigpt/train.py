@@ -228,6 +228,9 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
     batch_generator = torch.Generator().manual_seed(t.seed)
     step, best_val = 0, float("inf")
 
+    if resume is True and not last_path.exists():
+        raise CheckpointError(f"nothing to resume: run directory {run_dir} holds no {checkpoint.LAST}; "
+                              "train without --resume, or point --out-dir at an existing run")
     if resume:
         payload = checkpoint.load(last_path if resume is True else resume, prefer=checkpoint.LAST)
         _check_resume(payload, cfg, tokenizer, say)

@@ -81,6 +81,11 @@ def test_resume_refuses_a_different_vocabulary(tmp_path, corpus):
         train(tiny_config(tmp_path, other, "train.max_iters=8", *FAST), resume=True, progress=False)
 
 
+def test_resume_without_a_checkpoint_says_so(tmp_path, corpus):
+    with pytest.raises(CheckpointError, match="nothing to resume: run directory .* holds no last.pt"):
+        train(tiny_config(tmp_path, corpus, *FAST), resume=True, progress=False)
+
+
 def test_fresh_run_does_not_overwrite_existing_checkpoints(tmp_path, corpus):
     train(tiny_config(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", *FAST), progress=False)
     with pytest.raises(CheckpointError, match="already holds a checkpoint; pass --resume"):

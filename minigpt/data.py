@@ -40,37 +40,41 @@ META_VERSION = 1
 
 # ----------------------------------------------------------------------------- the default corpus
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_corpus(data_dir: Path = Path("data")) -> Path:
-    """Find Tiny Shakespeare in $MINIGPT_DATA_DIR or data/, or fetch it into data/ and verify its hash."""
-    env_dir = os.environ.get("MINIGPT_DATA_DIR")
-    candidates = ([Path(env_dir) / TINY_SHAKESPEARE_NAME] if env_dir else []) + [data_dir / TINY_SHAKESPEARE_NAME]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    """Tiny Shakespeare in data/: copied from $MINIGPT_DATA_DIR when that holds it, else downloaded.
+
+    Either way its sha256 is checked, and the copy in data/ is what runs record, so a run can be
+    resumed or evaluated later without the environment variable.
+    """
     target = data_dir / TINY_SHAKESPEARE_NAME
+    if target.is_file():
+        return target
+    env_dir = os.environ.get("MINIGPT_DATA_DIR")
+    local = Path(env_dir) / TINY_SHAKESPEARE_NAME if env_dir else None
+    origin = str(local) if local is not None and local.is_file() else TINY_SHAKESPEARE_URL
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as response:
-            payload = response.read()
+        if origin == TINY_SHAKESPEARE_URL:
+            with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as response:
+                payload = response.read()
+        else:
+            payload = Path(origin).read_bytes()
     except OSError as exc:
+        where = f"{target}" + (f" nor in {local.parent}" if local is not None else "")
         raise DataError(
-            f"Tiny Shakespeare is not in {' or '.join(str(c.parent) for c in candidates)} and could not be "
-            f"downloaded ({exc}); download {TINY_SHAKESPEARE_URL} to {target} yourself, "
-            "set MINIGPT_DATA_DIR to a directory holding tinyshakespeare.txt, or set data.path"
+            f"Tiny Shakespeare is not in {where} and could not be downloaded ({exc}); download "
+            f"{TINY_SHAKESPEARE_URL} to {target} yourself, set MINIGPT_DATA_DIR to a directory holding "
+            f"{TINY_SHAKESPEARE_NAME}, or train on another file with --set data.path=FILE"
         ) from exc
     if hashlib.sha256(payload).hexdigest() != TINY_SHAKESPEARE_SHA256:
-        raise DataError(f"the downloaded Tiny Shakespeare does not match its sha256 {TINY_SHAKESPEARE_SHA256}; try again")
-    tmp = target.with_suffix(".part")
-    tmp.write_bytes(payload)
-    os.replace(tmp, target)
+        raise DataError(f"{origin} is not Tiny Shakespeare: its sha256 differs from {TINY_SHAKESPEARE_SHA256}; "
+                        "replace it with the original file, or set data.path to train on it as your own corpus")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        tmp.write_bytes(payload)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise DataError(f"cannot write {target}: {exc.strerror or exc}; run from a writable directory") from exc
     return target
 
 

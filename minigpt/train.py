@@ -279,7 +279,10 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
         log(f"minigpt: {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens/step, "
             f"device {device}, dtype {precision.name}, {threads} threads, vocab {tokenizer.vocab_size}, "
             f"{prepared.meta['train_tokens']:,} train / {prepared.meta['val_tokens']:,} val characters -> {run_dir}")
-    tracker = Tracker(run_dir, step, t.max_iters, enabled=world.is_main, progress=progress)
+    if step >= t.max_iters:
+        say(f"the run is already complete at step {step} (train.max_iters {t.max_iters}); "
+            f"to train longer: --resume --set train.max_iters=N with N > {step}")
+    tracker = Tracker(run_dir, step, t.max_iters, enabled=world.is_main, progress=progress and step < t.max_iters)
 
     history: list[dict] = []
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, grad norm), read at log time

@@ -105,3 +105,40 @@ def test_progress_reports_both_passes(tmp_path):
     seen = []
     data.prepare(cfg(tmp_path, source), block_size=8, progress=lambda done, total: seen.append((done, total)))
     assert seen[-1][0] == seen[-1][1] == 2 * 500
+
+
+def test_default_corpus_is_copied_from_minigpt_data_dir_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from minigpt import data as data_mod
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "tinyshakespeare.txt").write_text("First Citizen:\nSpeak, speak.\n")
+    payload = (mirror / "tinyshakespeare.txt").read_bytes()
+    monkeypatch.setattr(data_mod, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setenv("MINIGPT_DATA_DIR", str(mirror))
+    found = data_mod.default_corpus(tmp_path / "data")
+    assert found == tmp_path / "data" / "tinyshakespeare.txt" and found.read_bytes() == payload
+    monkeypatch.delenv("MINIGPT_DATA_DIR")  # the copy in data/ is found without the variable
+    assert data_mod.default_corpus(tmp_path / "data") == found
+
+
+def test_default_corpus_with_wrong_hash_or_no_network_is_a_clear_error(tmp_path, monkeypatch):
+    from minigpt import data as data_mod
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "tinyshakespeare.txt").write_text("not the real text")
+    monkeypatch.setenv("MINIGPT_DATA_DIR", str(mirror))
+    with pytest.raises(DataError, match="is not Tiny Shakespeare: its sha256 differs"):
+        data_mod.default_corpus(tmp_path / "data")
+    assert not (tmp_path / "data" / "tinyshakespeare.txt").exists()
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.delenv("MINIGPT_DATA_DIR")
+    monkeypatch.setattr(data_mod.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match=r"not in .*tinyshakespeare.txt and could not be downloaded \(network unreachable\)"):
+        data_mod.default_corpus(tmp_path / "data")

@@ -81,6 +81,14 @@ def test_resume_refuses_a_different_vocabulary(tmp_path, corpus):
         train(tiny_config(tmp_path, other, "train.max_iters=8", *FAST), resume=True, progress=False)
 
 
+def test_resuming_a_finished_run_says_it_is_complete(tmp_path, corpus, capsys):
+    cfg = tiny_config(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", *FAST)
+    train(cfg, progress=False)
+    capsys.readouterr()
+    assert train(cfg, resume=True, progress=False).step == 4
+    assert "already complete at step 4" in capsys.readouterr().err
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path, corpus):
     with pytest.raises(CheckpointError, match="nothing to resume: run directory .* holds no last.pt"):
         train(tiny_config(tmp_path, corpus, *FAST), resume=True, progress=False)

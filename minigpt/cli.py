@@ -169,7 +169,7 @@ def prepare(
     from minigpt.data import prepare as run_prepare
 
     cfg = _load_config(config, set_)
-    with tqdm(total=0, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=0, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, leave=False, delay=0.5) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)

@@ -136,13 +136,10 @@ def sample(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context for every character (slower)."),
 ) -> None:
     """Write text with a trained model; the text streams to stdout."""
-    from minigpt.errors import PromptError
-    from minigpt.sample import check_options, load_model, sample as run_sample
+    from minigpt.sample import check_options, sample as run_sample
 
-    if unknown not in ("error", "skip", "replace"):
-        raise PromptError(f"--unknown must be error, skip or replace, got {unknown!r}")
     check_options(max_new_tokens, temperature, top_k, num_samples)
-    loaded = load_model(str(checkpoint), _device(device))
+    loaded = _load_checkpoint(checkpoint, device, unknown)
 
     def stream(_: int, piece: str) -> None:
         sys.stdout.write(piece)
@@ -197,7 +194,8 @@ StrideOpt = typer.Option(None, "--stride", help="Window advance in characters (d
 InspectDeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 
 
-def _load_for_inspection(checkpoint: Path, device: str, unknown: str):
+def _load_checkpoint(checkpoint: Path, device: str, unknown: str):
+    """The model of a checkpoint on `device`, after checking the --unknown policy."""
     from minigpt.errors import PromptError
     from minigpt.sample import load_model
 
@@ -220,7 +218,7 @@ def attention(
     """Draw the causal attention weights of a prompt: one heatmap per layer and head."""
     from minigpt import evaluate, viz
 
-    loaded = _load_for_inspection(checkpoint, device, unknown)
+    loaded = _load_checkpoint(checkpoint, device, unknown)
     result = evaluate.attention(loaded, prompt, layer, head, unknown)
     if result.dropped:
         typer.echo(f"note: the prompt is longer than block_size {loaded.config.model.block_size}; "
@@ -249,12 +247,9 @@ def surprise(
         raise DataError(f"--out {out}: the surprise view is written as .html or .png")
     from minigpt import evaluate, viz  # imported after the checks: torch is slow to import
 
-    loaded = _load_for_inspection(checkpoint, device, unknown)
+    loaded = _load_checkpoint(checkpoint, device, unknown)
     if file is not None:
-        try:
-            text = file.read_text(encoding=loaded.config.data.encoding, errors=loaded.config.data.errors)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read --file {file}: {exc}") from exc
+        text = evaluate.read_text_file(loaded, file)
     result = evaluate.surprise(loaded, text, stride, unknown)
     if out is not None and out.suffix.lower() == ".png":
         viz.save_figure(viz.surprise_figure(result.chars, result.bits), out)
@@ -287,7 +282,7 @@ def eval_(
         raise DataError(f"--split must be train or val, got {split!r}")
     from minigpt import evaluate  # imported after the checks: torch is slow to import
 
-    loaded = _load_for_inspection(checkpoint, device, unknown)
+    loaded = _load_checkpoint(checkpoint, device, unknown)
     if file is not None:
         result = evaluate.evaluate_file(loaded, file, stride, unknown)
     else:
@@ -307,7 +302,7 @@ def info(checkpoint: Path = CheckpointOpt) -> None:
 
     from minigpt import evaluate
 
-    loaded = _load_for_inspection(checkpoint, "cpu", "error")
+    loaded = _load_checkpoint(checkpoint, "cpu", "error")
     typer.echo(yaml.safe_dump(evaluate.describe(loaded), sort_keys=False, allow_unicode=True), nl=False)
 
 

@@ -136,17 +136,21 @@ def evaluate_ids(loaded: LoadedModel, ids: torch.Tensor, source: str, stride: in
                       block_size=loaded.config.model.block_size)
 
 
-def evaluate_file(loaded: LoadedModel, path: Path, stride: int | None = None,
-                  unknown: UnknownPolicy = "error") -> Evaluation:
-    """Exact bits per character of a text file (decoded with the encoding the model was trained on)."""
+def read_text_file(loaded: LoadedModel, path: Path) -> str:
+    """A text file decoded the way the model's corpus was (its data.encoding and data.errors)."""
     d = loaded.config.data
     try:
-        text = Path(path).read_text(encoding=d.encoding, errors=d.errors)
+        return Path(path).read_text(encoding=d.encoding, errors=d.errors)
     except FileNotFoundError as exc:
         raise DataError(f"text file {path} does not exist; pass an existing file to --file") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path} as {d.encoding}: {exc}") from exc
-    return evaluate_ids(loaded, encode_text(loaded, text, unknown), str(path), stride)
+
+
+def evaluate_file(loaded: LoadedModel, path: Path, stride: int | None = None,
+                  unknown: UnknownPolicy = "error") -> Evaluation:
+    """Exact bits per character of a text file (decoded with the encoding the model was trained on)."""
+    return evaluate_ids(loaded, encode_text(loaded, read_text_file(loaded, path), unknown), str(path), stride)
 
 
 def split_ids(loaded: LoadedModel, split: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from minigpt import checkpoint, config as config_mod, data, device as device_mod
 from minigpt.config import Config, TrainConfig
-from minigpt.distributed import World, current_world
+from minigpt.distributed import World, current_world, per_rank_batch
 from minigpt.errors import CheckpointError, Interrupted, TrainingError
 from minigpt.model import GPT
 from minigpt.sample import generate
@@ -105,7 +105,7 @@ def rank_batch(tokens, cfg: Config, generator: torch.Generator, world: World,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Offsets for the whole global batch from one generator; this process reads its own slice."""
     offsets = data.sample_offsets(len(tokens), cfg.model.block_size, cfg.train.batch_size, generator)
-    per_rank = cfg.train.batch_size // world.size
+    per_rank = per_rank_batch(cfg.train.batch_size, world.size)
     mine = offsets[world.rank * per_rank:(world.rank + 1) * per_rank]
     x, y = data.get_batch(tokens, mine, cfg.model.block_size)
     if device.type == "cuda":

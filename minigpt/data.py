@@ -51,13 +51,13 @@ def default_corpus(data_dir: Path = Path("data")) -> Path:
         return target
     env_dir = os.environ.get("MINIGPT_DATA_DIR")
     local = Path(env_dir) / TINY_SHAKESPEARE_NAME if env_dir else None
-    origin = str(local) if local is not None and local.is_file() else TINY_SHAKESPEARE_URL
     try:
-        if origin == TINY_SHAKESPEARE_URL:
+        if local is not None and local.is_file():
+            origin, payload = str(local), local.read_bytes()
+        else:
+            origin = TINY_SHAKESPEARE_URL
             with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as response:
                 payload = response.read()
-        else:
-            payload = Path(origin).read_bytes()
     except OSError as exc:
         where = f"{target}" + (f" nor in {local.parent}" if local is not None else "")
         raise DataError(

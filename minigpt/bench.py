@@ -20,7 +20,13 @@ Model FLOPs utilisation (MFU), as in PaLM (Chowdhery et al., 2022, appendix B) a
 where N is the parameter count without position embeddings (6N: forward 2N plus backward 4N
 for the matmuls with weights; the second term is the attention scores and weighted sum, which
 have no parameters). MFU = FLOPs per token * tokens/s / peak, where the peak is the best
-float32 throughput of a large matmul timed by this command on the same device.
+throughput of a large matmul timed by this command on the same device, in the dtype the
+matmuls run in: float32 for the eager baseline, the default dtype (e.g. bfloat16) for the
+default settings.
+
+Sampling is measured with the model as `minigpt sample` loads it (fused attention for the
+uncached path, the lean KV-cache path otherwise), whatever the training settings are; the
+cached and uncached paths are timed in alternating rounds too.
 """
 
 from __future__ import annotations
@@ -136,6 +142,7 @@ class Trainer:
     step: Callable[[], torch.Tensor]
     precision: device_mod.Precision
     compiled: bool
+    fused_attention: bool
     tokens_per_step: int
     warmup_s: float = 0.0
     best_step_s: float = float("inf")
@@ -147,7 +154,8 @@ def make_trainer(name: str, cfg: Config, tokens, vocab_size: int, device: torch.
     precision = device_mod.resolve_precision(t.dtype, device)
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, vocab_size).to(device)
-    model.set_fused_attention(t.fused_attention)
+    fused = device_mod.resolve_fused_attention(t.fused_attention, device, precision)
+    model.set_fused_attention(fused)
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     compiled = device_mod.resolve_compile(t.compile, device)
@@ -160,7 +168,7 @@ def make_trainer(name: str, cfg: Config, tokens, vocab_size: int, device: torch.
                              lambda: rank_batch(tokens, cfg, generator, world, device))
         return loss
 
-    return Trainer(name, model, step_model, step, precision, compiled,
+    return Trainer(name, model, step_model, step, precision, compiled, fused,
                    t.batch_size * t.gradient_accumulation_steps * cfg.model.block_size)
 
 
@@ -221,19 +229,23 @@ def eval_tokens_per_s(trainer: Trainer, tokens, cfg: Config, device: torch.devic
     return cfg.train.batch_size * cfg.model.block_size / best
 
 
-def sample_tokens_per_s(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool,
-                        repeats: int = 2) -> float:
-    """New tokens per second (over all sequences of the batch) for one generate() call, best of `repeats`."""
-    model.eval()
-    best = float("inf")
-    for r in range(repeats):
-        generator = torch.Generator(device=prompt.device).manual_seed(r)
-        start = time.perf_counter()
-        for _ in generate(model, prompt, new_tokens, 1.0, None, generator, use_cache=use_cache):
-            pass
-        _sync(prompt.device)
-        best = min(best, time.perf_counter() - start)
-    return prompt.size(0) * new_tokens / best
+def sample_seconds(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool, seed: int = 0) -> float:
+    """Seconds for one generate() call writing `new_tokens` new tokens after each prompt of the batch."""
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    start = time.perf_counter()
+    for _ in generate(model, prompt, new_tokens, 1.0, None, generator, use_cache=use_cache):
+        pass
+    _sync(prompt.device)
+    return time.perf_counter() - start
+
+
+def compare_sampling(model: GPT, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> tuple[float, float]:
+    """New tokens/s with and without the KV cache (model in eval mode), alternating rounds, best of each."""
+    best = {True: float("inf"), False: float("inf")}
+    for r in range(rounds):
+        for use_cache in ((True, False) if r % 2 == 0 else (False, True)):
+            best[use_cache] = min(best[use_cache], sample_seconds(model, prompt, new_tokens, use_cache, seed=r))
+    return prompt.size(0) * new_tokens / best[True], prompt.size(0) * new_tokens / best[False]
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -292,6 +304,8 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
 
         say("measuring the matmul peak")
         peak = matmul_peak_gflops(device)
+        default_dtype = device_mod.resolve_precision(cfg.train.dtype, device).dtype
+        peak_default = peak if default_dtype == torch.float32 else matmul_peak_gflops(device, dtype=default_dtype)
         eager_cfg = _with_train(cfg, compile=False, dtype="float32", fused_attention=False)
         say("building and warming up the default and the eager float32 trainers (compiling, if enabled)")
         default = make_trainer("default", cfg, tokens, vocab, device)
@@ -304,12 +318,12 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
         compile_s = max(0.0, default.warmup_s - warmup_steps * default.best_step_s) if default.compiled else 0.0
         report.update({
             "dtype": default.precision.name, "compile": default.compiled,
-            "fused_attention": cfg.train.fused_attention,
+            "fused_attention": default.fused_attention,
             "params": default.model.num_params(), "train_flops_per_token": flops,
-            "matmul_peak_gflops": peak,
+            "matmul_peak_gflops": peak, "matmul_peak_gflops_default_dtype": peak_default,
             "train_tokens_per_s": default_tps, "train_tokens_per_s_eager_fp32": eager_tps,
             "speedup_vs_eager": default_tps / eager_tps,
-            "mfu": flops * default_tps / (peak * 1e9), "mfu_eager_fp32": flops * eager_tps / (peak * 1e9),
+            "mfu": flops * default_tps / (peak_default * 1e9), "mfu_eager_fp32": flops * eager_tps / (peak * 1e9),
             "compile_s": compile_s, "train_peak_rss_mb": train_rss,
         })
 
@@ -318,10 +332,12 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
 
         say(f"measuring sampling ({SAMPLE_TOKENS} new tokens)")
         model = default.model.eval()
+        model.set_fused_attention(True)  # as `minigpt sample` loads it (load_model)
         prompt = torch.tensor([prepared.tokenizer.encode("The ")], dtype=torch.long, device=device)
-        cached = sample_tokens_per_s(model, prompt, SAMPLE_TOKENS, use_cache=True)
-        uncached = sample_tokens_per_s(model, prompt, SAMPLE_TOKENS, use_cache=False)
-        batch = sample_tokens_per_s(model, prompt.repeat(SAMPLE_BATCH, 1), SAMPLE_TOKENS, use_cache=True)
+        cached, uncached = compare_sampling(model, prompt, SAMPLE_TOKENS)
+        batch_prompt = prompt.repeat(SAMPLE_BATCH, 1)
+        batch = SAMPLE_BATCH * SAMPLE_TOKENS / min(sample_seconds(model, batch_prompt, SAMPLE_TOKENS, True, seed=r)
+                                                   for r in range(2))
         report.update({"sample_tokens_per_s_cached": cached, "sample_tokens_per_s_uncached": uncached,
                        "cache_speedup": cached / uncached, "sample_batch_size": SAMPLE_BATCH,
                        "sample_tokens_per_s_batch": batch})
@@ -345,6 +361,7 @@ ROWS = [  # (key, label, format)
     ("device", "device", "{}"), ("threads", "threads", "{}"), ("torch_version", "torch", "{}"),
     ("dtype", "default dtype", "{}"), ("compile", "default compile", "{}"),
     ("params", "parameters (no wpe)", "{:,}"), ("matmul_peak_gflops", "matmul peak fp32", "{:,.1f} GFLOP/s"),
+    ("matmul_peak_gflops_default_dtype", "matmul peak, default dtype", "{:,.1f} GFLOP/s"),
     ("train_tokens_per_s", "train, default settings", "{:,.0f} tokens/s"),
     ("train_tokens_per_s_eager_fp32", "train, eager fp32 explicit attn", "{:,.0f} tokens/s"),
     ("speedup_vs_eager", "  speed-up", "{:.2f}x"),

@@ -66,9 +66,9 @@ class TrainConfig:
     log_interval: int = 10  # steps between TensorBoard scalar writes
     sample_chars: int = 200  # characters of text sample logged at each evaluation (0 = none)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to train
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: bf16/fp16 on CUDA, fp32 elsewhere
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: bf16 (fp16) on CUDA, bf16 on CPUs with bf16 units
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile; auto: CUDA only (slower on CPU)
-    fused_attention: bool = True  # F.scaled_dot_product_attention instead of the explicit path
+    fused_attention: Union[bool, Literal["auto"]] = "auto"  # F.scaled_dot_product_attention; auto: not for CPU bf16
     histograms: bool = False  # log weight and gradient histograms to TensorBoard at each evaluation
     threads: int = 0  # CPU threads for torch; 0 = one per physical core
     out_dir: str = ""  # run directory; "" = runs/<config file name>

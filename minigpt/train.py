@@ -222,7 +222,8 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, tokenizer.vocab_size).to(device)
-    model.set_fused_attention(t.fused_attention)
+    fused_attention = device_mod.resolve_fused_attention(t.fused_attention, device, precision)
+    model.set_fused_attention(fused_attention)
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     batch_generator = torch.Generator().manual_seed(t.seed)
@@ -277,7 +278,8 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
     tokens_per_step = t.batch_size * t.gradient_accumulation_steps * cfg.model.block_size
     if world.is_main:
         log(f"minigpt: {model.num_params() / 1e6:.2f}M parameters, {tokens_per_step} tokens/step, "
-            f"device {device}, dtype {precision.name}, {threads} threads, vocab {tokenizer.vocab_size}, "
+            f"device {device}, dtype {precision.name}, {'fused' if fused_attention else 'explicit'} attention, "
+            f"{threads} threads, vocab {tokenizer.vocab_size}, "
             f"{prepared.meta['train_tokens']:,} train / {prepared.meta['val_tokens']:,} val characters -> {run_dir}")
     if step >= t.max_iters:
         say(f"the run is already complete at step {step} (train.max_iters {t.max_iters}); "

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from minigpt import bench, device as device_mod
 from minigpt.config import ModelConfig
+from minigpt.errors import DeviceError
 from minigpt.model import GPT
 
 
@@ -55,11 +57,33 @@ def test_full_benchmark_report_is_consistent(tmp_path):
                 "prepare_mb_per_s", "prepare_peak_rss_mb", "train_peak_rss_mb", "device", "dtype",
                 "torch_version", "threads"):
         assert key in report, key
-    assert report["device"] == "cpu" and report["dtype"] == "float32" and report["compile"] is False
+    auto = device_mod.resolve_precision("auto", torch.device("cpu"))
+    assert report["device"] == "cpu" and report["dtype"] == auto.name and report["compile"] is False
+    assert report["fused_attention"] is device_mod.resolve_fused_attention("auto", torch.device("cpu"), auto)
     assert report["speedup_vs_eager"] == report["train_tokens_per_s"] / report["train_tokens_per_s_eager_fp32"]
-    peak = report["matmul_peak_gflops"] * 1e9
-    assert report["mfu"] == report["train_flops_per_token"] * report["train_tokens_per_s"] / peak
+    peak, peak_default = report["matmul_peak_gflops"] * 1e9, report["matmul_peak_gflops_default_dtype"] * 1e9
+    assert (peak == peak_default) == (auto.dtype == torch.float32)  # MFU of bf16 training is against the bf16 peak
+    assert report["mfu"] == report["train_flops_per_token"] * report["train_tokens_per_s"] / peak_default
+    assert report["mfu_eager_fp32"] == report["train_flops_per_token"] * report["train_tokens_per_s_eager_fp32"] / peak
     assert report["cache_speedup"] == report["sample_tokens_per_s_cached"] / report["sample_tokens_per_s_uncached"]
     assert 0 < report["mfu"] < 1 and report["prepare_mb"] == 1.0
     assert report["prepare_peak_rss_mb"] >= report["prepare_start_rss_mb"] > 0
     assert json.loads(bench.to_json(report))["threads"] == report["threads"]
+
+
+def test_auto_settings_follow_what_the_cpu_does_fast(monkeypatch):
+    """auto: bf16 autocast and the explicit attention where the CPU has native bf16 matmuls, else fp32 and fused."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bfloat16", lambda: True)
+    fast = device_mod.resolve_precision("auto", cpu)
+    assert fast.dtype == torch.bfloat16 and not fast.use_scaler
+    assert device_mod.resolve_fused_attention("auto", cpu, fast) is False
+    assert device_mod.resolve_fused_attention(True, cpu, fast) is True  # an explicit setting wins
+    assert device_mod.resolve_precision("float32", cpu).dtype == torch.float32
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bfloat16", lambda: False)
+    plain = device_mod.resolve_precision("auto", cpu)
+    assert plain.dtype == torch.float32 and device_mod.resolve_fused_attention("auto", cpu, plain) is True
+    assert device_mod.resolve_precision("bfloat16", cpu).dtype == torch.bfloat16
+    assert device_mod.resolve_compile("auto", cpu) is False
+    with pytest.raises(DeviceError, match="float16 needs a CUDA device"):
+        device_mod.resolve_precision("float16", cpu)

@@ -31,7 +31,8 @@ N = 6  # steps of the short runs; the long ones run 2N
 # Max |weight difference| between process counts: float32 sums added in another order. Seen: 3e-6 to 7e-6;
 # one AdamW step moves a weight by up to learning_rate (3e-3), so a wrong batch split fails by far.
 TOLERANCE = 5e-5
-COMMON = ["train.threads=1", "train.warmup_iters=2", f"train.lr_decay_iters={2 * N}", f"train.eval_interval={N}",
+COMMON = ["train.threads=1", "train.dtype=float32", "train.warmup_iters=2", f"train.lr_decay_iters={2 * N}",
+          f"train.eval_interval={N}",
           "train.eval_iters=1", "train.log_interval=2", "train.sample_chars=8"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 

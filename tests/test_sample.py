@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minigpt.config import Config, ModelConfig
-from minigpt.model import GPT
-from minigpt.sample import LoadedModel, decode_step, decode_weights, generate, rebuild_keep, sample
+from minigpt.model import GPT, LayerCache
+from minigpt.sample import LoadedModel, decode_weights, generate, lean_forward, pick_next, rebuild_keep, sample
 from minigpt.tokenizer import CharTokenizer
 
 VOCAB = 20
@@ -22,10 +22,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_model(block_size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float64) -> GPT:
+def make_model(block_size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float64, bias: bool = True) -> GPT:
     """A small random model with sharpened logits (so greedy choices are not near-ties)."""
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, dropout=0.0), VOCAB)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, dropout=0.0, bias=bias), VOCAB)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     return model.to(dtype).eval()
@@ -49,37 +49,58 @@ def test_greedy_cached_equals_uncached_in_float32():
     assert greedy(model, [[4, 2]], 15, use_cache=True) == greedy(model, [[4, 2]], 15, use_cache=False)
 
 
-def test_decode_step_equals_model_forward_with_cache():
-    model = make_model(block_size=16, dtype=torch.float32)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lean_forward_equals_model_forward_with_cache(bias):
+    """The lean path: a prompt into an empty cache, then one new position, against the module path."""
+    model = make_model(block_size=16, dtype=torch.float32, bias=bias)
     prompt, new = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[7], [8]])
     with torch.inference_mode():
         a, b = model.new_kv_cache(2), model.new_kv_cache(2)
-        model(prompt, kv_cache=a)
-        model(prompt, kv_cache=b)
+        weights = decode_weights(model)
+        torch.testing.assert_close(lean_forward(model, weights, prompt, b), model(prompt, kv_cache=a)[0][:, -1])
+        for la, lb in zip(a.layers, b.layers):  # the cached keys and values agree too
+            torch.testing.assert_close(lb.k[:, :, :3], la.k[:, :, :3])
+            torch.testing.assert_close(lb.v[:, :, :3], la.v[:, :, :3])
         expected = model(new, kv_cache=a)[0][:, -1]
-        got = decode_step(model, decode_weights(model), new, b)
+        got = lean_forward(model, weights, new, b)
         full = model(torch.cat([prompt, new], dim=1))[0][:, -1]
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
     assert a.length == b.length == 4
+    with pytest.raises(ValueError, match="empty cache"):
+        lean_forward(model, weights, prompt, b)  # several positions after cached ones: not a case generate() makes
 
 
 def test_beyond_block_size_model_never_sees_more_than_block_size(monkeypatch):
-    """Record every forward: ids fed plus positions already cached never exceed block_size."""
+    """Record every write to the KV cache: positions fed plus positions already cached never exceed block_size."""
     model = make_model(block_size=8)
     seen: list[tuple[int, int]] = []
-    original = GPT._trunk
+    original = LayerCache.append
 
-    def recording(self, idx, kv_cache, return_weights):
-        seen.append((idx.size(1), kv_cache.length if kv_cache is not None else 0))
-        return original(self, idx, kv_cache, return_weights)
+    def recording(self, k, v):
+        seen.append((k.size(2), self.length))
+        return original(self, k, v)
 
-    monkeypatch.setattr(GPT, "_trunk", recording)
+    monkeypatch.setattr(LayerCache, "append", recording)
     out = greedy(model, [[1, 2, 3]], 40, use_cache=True)
     assert len(out[0]) == 40
     assert seen and all(t + cached <= 8 for t, cached in seen)
-    assert any(t == rebuild_keep(8) for t, _ in seen[1:])  # the cache was rebuilt from the window's last half
-    # The lean decode path bypasses _trunk: check its cache never overflows (LayerCache raises if so).
+    assert any(t == rebuild_keep(8) and cached == 0 for t, cached in seen[1:])  # rebuilt from the window's last half
+
+
+def test_pick_next_draws_each_id_with_its_probability():
+    """20,000 draws in one batch: frequencies match the softmax; ids outside the top k never come up."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]]).repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+    ids = pick_next(logits, 1.0, None, generator)[:, 0]
+    freq = torch.bincount(ids, minlength=5).double() / len(ids)
+    expected = torch.softmax(logits[0].double(), dim=0)
+    assert (freq - expected).abs().max() < 0.012  # 4 standard deviations of a frequency near 0.5 at n = 20,000
+    hot = pick_next(logits, 0.5, None, generator)[:, 0]  # temperature 0.5 sharpens toward id 2
+    assert torch.bincount(hot, minlength=5)[2] > torch.bincount(ids, minlength=5)[2]
+    top2 = pick_next(logits, 1.0, 2, generator)[:, 0]
+    assert set(top2.tolist()) == {1, 2}
+    assert abs((top2 == 2).double().mean().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.012
 
 
 def reference_rebuild_strategy(model: GPT, prompt: list[int], n: int) -> list[int]:
@@ -136,7 +157,7 @@ def test_seeded_sampling_with_and_without_cache_is_reproducible():
 
 
 def test_training_mode_uses_the_module_path():
-    """With dropout active (training mode) generate still runs, via model() rather than decode_step."""
+    """With dropout active (training mode) generate still runs, via model() rather than lean_forward."""
     model = make_model(block_size=8, dtype=torch.float32).train()
     out = greedy(model, [[1]], 20, use_cache=True)
     assert len(out[0]) == 20

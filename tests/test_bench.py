@@ -50,7 +50,7 @@ def test_full_benchmark_report_is_consistent(tmp_path):
 
     from conftest import CONFIGS
 
-    cfg = config_mod.load(CONFIGS / "tiny.yaml", ["train.device=cpu"])
+    cfg = config_mod.load(CONFIGS / "tiny.yaml", ["train.device=cpu", "train.dtype=auto"])  # what auto picks here
     report = bench.run(cfg, prepare_mb=1, warmup_steps=2, rounds=1, round_seconds=0.3)
     for key in ("train_tokens_per_s", "train_tokens_per_s_eager_fp32", "mfu", "mfu_eager_fp32", "compile_s",
                 "sample_tokens_per_s_cached", "sample_tokens_per_s_uncached", "eval_tokens_per_s",

@@ -41,9 +41,11 @@ def test_same_config_twice_gives_same_losses(tmp_path, corpus):
     assert a.history[-1]["val_loss"] < math.log(65)
 
 
-def test_resume_is_bit_exact_with_uninterrupted_run(tmp_path, corpus):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_is_bit_exact_with_uninterrupted_run(tmp_path, corpus, dtype):
     # The schedule is pinned to 20 steps, so stopping at 10 does not change the learning rates.
-    sets = ["train.eval_interval=5", "train.gradient_accumulation_steps=2", "train.lr_decay_iters=20", *FAST]
+    sets = ["train.eval_interval=5", "train.gradient_accumulation_steps=2", "train.lr_decay_iters=20",
+            f"train.dtype={dtype}", *FAST]
     straight = train(tiny_config(tmp_path / "s", corpus, "train.max_iters=20", *sets), progress=False)
     first = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=10", *sets), progress=False)
     resumed = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=20", *sets), resume=True, progress=False)
@@ -59,6 +61,18 @@ def test_resume_is_bit_exact_with_uninterrupted_run(tmp_path, corpus):
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert a["best_val_loss"] == b["best_val_loss"] and a["step"] == b["step"] == 20
+    assert all(w.dtype == torch.float32 for w in b["model"].values())  # autocast leaves the weights float32
+    assert b["config"]["train"]["dtype"] == dtype
+
+
+def test_bfloat16_training_learns_like_float32(tmp_path, corpus):
+    """bf16 autocast (CPU): the loss falls as in float32 and stays close to it; the run reports its dtype."""
+    runs = {dtype: train(tiny_config(tmp_path / dtype, corpus, "train.max_iters=30", "train.eval_interval=30",
+                                     f"train.dtype={dtype}", *FAST), progress=False) for dtype in ("float32", "bfloat16")}
+    fp32, bf16 = (runs[d].history[-1]["val_loss"] for d in ("float32", "bfloat16"))
+    assert bf16 < math.log(65) - 0.5 and abs(bf16 - fp32) < 0.05
+    first, last = scalars(runs["bfloat16"].run_dir, "train/loss")[0][1], scalars(runs["bfloat16"].run_dir, "train/loss")[-1][1]
+    assert last < first - 0.5
 
 
 def test_resume_refuses_shape_change_and_allows_harmless_ones(tmp_path, corpus, capsys):

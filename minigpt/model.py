@@ -36,22 +36,32 @@ from minigpt.config import ModelConfig
 
 @dataclass
 class LayerCache:
-    """One layer's cached keys and values: (B, nh, block_size, hs) each, the first `length` filled."""
+    """One layer's cached keys and values, side by side in one buffer (B, nh, block_size, 2, hs); the
+    first `length` positions are filled. Keeping them together lets the sampler store both with one copy."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: torch.Tensor
     length: int = 0
 
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[:, :, :, 0]  # (B, nh, block_size, hs)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[:, :, :, 1]  # (B, nh, block_size, hs)
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new positions' keys and values; return all keys and values so far."""
-        T = k.size(2)
-        end = self.length + T
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions; {end} requested")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        """Store the new positions' keys and values (B, nh, T, hs); return all keys and values so far."""
+        return self.append_kv(torch.stack([k, v], dim=3))
+
+    def append_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values given together, (B, nh, T, 2, hs); return all so far."""
+        end = self.length + kv.size(2)
+        if end > self.kv.size(2):
+            raise ValueError(f"KV cache holds {self.kv.size(2)} positions; {end} requested")
+        self.kv[:, :, self.length:end] = kv
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, end, hs)
+        return self.kv[:, :, :end, 0], self.kv[:, :, :end, 1]  # (B, nh, end, hs) each
 
 
 @dataclass
@@ -243,9 +253,8 @@ class GPT(nn.Module):
         """Empty key/value buffers for `batch_size` sequences of up to block_size positions."""
         c = self.config
         p = self.lm_head.weight
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        return KVCache([LayerCache(torch.empty(shape, device=p.device, dtype=p.dtype),
-                                   torch.empty(shape, device=p.device, dtype=p.dtype)) for _ in range(c.n_layer)])
+        shape = (batch_size, c.n_head, c.block_size, 2, c.n_embd // c.n_head)
+        return KVCache([LayerCache(torch.empty(shape, device=p.device, dtype=p.dtype)) for _ in range(c.n_layer)])
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay matrices (weights, embeddings), not biases or norm gains."""

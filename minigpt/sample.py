@@ -63,15 +63,20 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
              top_k: int | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` next ids (B, 1) one at a time, continuing the prompts idx (B, T)."""
+    if not use_cache:  # whole-context forwards are big enough to use every thread
+        yield from _generate(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
+        return
     with single_cpu_thread(idx.device):
         yield from _generate(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
 
 
 @contextmanager
 def single_cpu_thread(device: torch.device) -> Iterator[None]:
-    """On CPU, run the body on one thread: a decoding step is dozens of tiny operations, and waking a
-    second thread for each costs more than it saves (measured 1.5-90x slower with two threads on a
-    busy 2-core machine, see README Results). Other devices are left alone."""
+    """On CPU, run the body on one thread: a cached decoding step is dozens of tiny operations, and
+    waking a second thread for each costs more than it saves. Measured on the 2-core CPU, CPU config,
+    1,000 characters: cached 480 ms on one thread against 553 ms on two; the uncached path is the
+    other way round (2.87 s on one thread, 1.96 s on two), so generate() keeps every thread for it.
+    Other devices are left alone."""
     before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -128,33 +133,35 @@ def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: f
 # list of tensor operations on weights prepared once per generate() call: the same math as
 # GPT.forward with a KV cache (tested equal), in fewer and cheaper operations:
 #   * each Linear is one torch.addmm(bias, x, W) on a weight stored transposed, (in, out), so no
-#     transpose is made per call; the residual is added the same way, addmm(x + bias, y, W);
-#   * GELU is written out, gelu(h) = h/2 * (1 + erf(h / sqrt 2)): on CPU, F.gelu has a fixed cost
-#     of several microseconds that three small operations undercut at one position.
-# Measured on the CPU config's model, one thread: 333 us per character against 411 us for the
-# same step through F.linear and F.gelu (README, Results).
+#     transpose is made per call; the residual is added the same way: addmm(x + bias, y, W);
+#   * keys and values are stored with one copy (LayerCache.append_kv);
+#   * GELU is written with erf, gelu(h) = h/2 * (1 + erf(h/sqrt2)), and its two scalings are
+#     folded into the weights: with u = h/sqrt2 (c_fc's weight and bias divided by sqrt2),
+#     gelu(h) @ W = (u + u * erf(u)) @ (W / sqrt2), two operations instead of F.gelu, whose fixed
+#     cost on CPU is several microseconds at one position.
+# Measured on the CPU config's model, one thread, 1,000 characters: 371 us per character against
+# 416 us without the last two points, and 480 us through F.linear, F.gelu and two copies.
 
-SQRT_HALF = 1 / math.sqrt(2)
+SQRT2 = math.sqrt(2)
 
 
 def decode_weights(model: GPT) -> list[tuple[torch.Tensor | None, ...]]:
-    """Per block, the tensors lean_forward needs, with every Linear weight transposed to (in, out).
-
-    They are copies: call this again after the model's weights change (generate() does, per call).
-    """
-    def t(linear: torch.nn.Linear) -> torch.Tensor:
-        return linear.weight.t().contiguous()
+    """Per block, the tensors lean_forward needs: Linear weights transposed to (in, out), the MLP's
+    scaled by 1/sqrt2 (see above). They are copies, made again by every generate() call."""
+    def t(linear: torch.nn.Linear, scale: float = 1.0) -> torch.Tensor:
+        return linear.weight.t().contiguous() / scale
 
     out = []
     for block in model.transformer.h:
         a, m = block.attn, block.mlp
+        fc_b = m.c_fc.bias / SQRT2 if m.c_fc.bias is not None else None
         out.append((block.ln_1.weight, block.ln_1.bias, t(a.c_attn), a.c_attn.bias, t(a.c_proj), a.c_proj.bias,
-                    block.ln_2.weight, block.ln_2.bias, t(m.c_fc), m.c_fc.bias, t(m.c_proj), m.c_proj.bias))
+                    block.ln_2.weight, block.ln_2.bias, t(m.c_fc, SQRT2), fc_b, t(m.c_proj, SQRT2), m.c_proj.bias))
     return out
 
 
-def _affine(bias: torch.Tensor | None, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """x @ weight_t + bias (a Linear layer whose weight is stored transposed) in one operation."""
+def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """bias + x @ weight_t in one operation (a bias of None adds nothing)."""
     return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
 
@@ -174,18 +181,13 @@ def lean_forward(model: GPT, weights: list[tuple], idx: torch.Tensor, cache: KVC
     x = (F.embedding(idx, tr.wte.weight) + tr.wpe.weight[pos:pos + T]).view(B * T, C)  # (B*T, C)
     for layer, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b) \
             in zip(cache.layers, weights):
-        qkv = _affine(attn_b, F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w)  # (B*T, 3C)
-        q, k, v = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
-        k, v = layer.append(k, v)  # (B, nh, pos + T, hs): every key so far
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B * T, C)
-        x = torch.addmm(x if proj_b is None else x + proj_b, y, proj_w)  # residual + projection
-        h = _affine(fc_b, F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w)  # (B*T, 4C)
-        half = h * 0.5
-        h = torch.addcmul(half, half, torch.erf(h * SQRT_HALF))  # exact GELU
-        x = torch.addmm(x if out_b is None else x + out_b, h, out_w)
-    x = x.view(B, T, C)[:, -1]  # (B, C): only the last position's logits are needed
-    x = F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias)
+        qkv = _addmm(attn_b, F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w).view(B, T, 3, nh, hs)
+        k, v = layer.append_kv(qkv[:, :, 1:].permute(0, 3, 1, 2, 4))  # (B, nh, pos + T, hs): every key so far
+        y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), k, v, is_causal=T > 1)  # (B, nh, T, hs)
+        x = _addmm(x if proj_b is None else x + proj_b, y.transpose(1, 2).reshape(B * T, C), proj_w)  # residual
+        u = _addmm(fc_b, F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w)  # (B*T, 4C): the MLP's input / sqrt2
+        x = _addmm(x if out_b is None else x + out_b, torch.addcmul(u, u, torch.erf(u)), out_w)  # GELU, residual
+    x = F.layer_norm(x.view(B, T, C)[:, -1], (C,), tr.ln_f.weight, tr.ln_f.bias)  # (B, C): the last position
     return F.linear(x, model.lm_head.weight)  # (B, V)
 
 

@@ -75,13 +75,13 @@ def test_beyond_block_size_model_never_sees_more_than_block_size(monkeypatch):
     """Record every write to the KV cache: positions fed plus positions already cached never exceed block_size."""
     model = make_model(block_size=8)
     seen: list[tuple[int, int]] = []
-    original = LayerCache.append
+    original = LayerCache.append_kv  # both the module path (append) and the lean path store through it
 
-    def recording(self, k, v):
-        seen.append((k.size(2), self.length))
-        return original(self, k, v)
+    def recording(self, kv):
+        seen.append((kv.size(2), self.length))
+        return original(self, kv)
 
-    monkeypatch.setattr(LayerCache, "append", recording)
+    monkeypatch.setattr(LayerCache, "append_kv", recording)
     out = greedy(model, [[1, 2, 3]], 40, use_cache=True)
     assert len(out[0]) == 40
     assert seen and all(t + cached <= 8 for t, cached in seen)

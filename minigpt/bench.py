@@ -239,7 +239,7 @@ def sample_seconds(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache:
     return time.perf_counter() - start
 
 
-def compare_sampling(model: GPT, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> tuple[float, float]:
+def compare_sampling(model: GPT, prompt: torch.Tensor, new_tokens: int, rounds: int = 5) -> tuple[float, float]:
     """New tokens/s with and without the KV cache (model in eval mode), alternating rounds, best of each."""
     best = {True: float("inf"), False: float("inf")}
     for r in range(rounds):

@@ -3,9 +3,10 @@
 TensorBoard tags are namespaced: `train/loss`, `val/loss`, `val/bpc`, `opt/lr`, `opt/grad_norm`,
 `perf/tokens_per_sec`, a `samples/text` entry and an `attention/probe` image at each evaluation,
 optional `weights/...` and `grads/...` histograms, and the hyperparameters with the final
-metrics (`hparams/best_val_loss`, `hparams/best_val_bpc`) at the end. On resume the writer is
-opened with `purge_step`, so points logged after the checkpoint by the interrupted process are
-hidden and the curves continue without overlaps. stdout is never used here: it carries results.
+metrics (`hparams/best_val_loss`, `hparams/best_val_bpc`) at the end. Every run opens the writer
+with `purge_step` = its first step, so points an earlier process logged from there on (after
+the checkpoint a run resumes from, or before a killed run's first checkpoint) are hidden and the
+curves continue without overlaps. stdout is never used here: it carries results.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ class Tracker:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
 
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step > 0 else None)
+        # purge_step hides points an earlier process logged after start_step: an interrupted run's
+        # steps beyond its checkpoint, or (start_step 0) a run that was killed before its first
+        # checkpoint or is being overwritten.
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         file=sys.stderr, dynamic_ncols=True, disable=not progress, mininterval=0.5)
 

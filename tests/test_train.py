@@ -75,6 +75,21 @@ def test_bfloat16_training_learns_like_float32(tmp_path, corpus):
     assert last < first - 0.5
 
 
+def test_fresh_run_hides_points_left_by_an_attempt_that_never_checkpointed(tmp_path, corpus):
+    """A run killed before its first checkpoint leaves event files; starting again must not show its steps twice."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg = tiny_config(tmp_path, corpus, "train.max_iters=6", "train.eval_interval=6", *FAST)
+    cfg.run_dir().mkdir(parents=True)
+    stale = SummaryWriter(str(cfg.run_dir()))
+    for step in (1, 2, 3):
+        stale.add_scalar("train/loss", 9.0, step)
+    stale.close()
+    result = train(cfg, progress=False)
+    points = scalars(result.run_dir, "train/loss")
+    assert [s for s, _ in points] == list(range(1, 7)) and 9.0 not in [v for _, v in points]
+
+
 def test_resume_refuses_shape_change_and_allows_harmless_ones(tmp_path, corpus, capsys):
     train(tiny_config(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", *FAST), progress=False)
     with pytest.raises(CheckpointError, match=r"model shape \(model.n_embd 32 -> 64\)"):

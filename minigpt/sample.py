@@ -66,28 +66,31 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     if not use_cache:  # whole-context forwards are big enough to use every thread
         yield from _generate(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
         return
-    with single_cpu_thread(idx.device):
-        yield from _generate(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
+    with cpu_threads(idx.device, 1) as all_threads:
+        yield from _generate(model, idx, max_new_tokens, temperature, top_k, generator, use_cache, all_threads)
 
 
 @contextmanager
-def single_cpu_thread(device: torch.device) -> Iterator[None]:
-    """On CPU, run the body on one thread: a cached decoding step is dozens of tiny operations, and
-    waking a second thread for each costs more than it saves. Measured on the 2-core CPU, CPU config,
-    1,000 characters: cached 480 ms on one thread against 553 ms on two; the uncached path is the
-    other way round (2.87 s on one thread, 1.96 s on two), so generate() keeps every thread for it.
-    Other devices are left alone."""
+def cpu_threads(device: torch.device, n: int) -> Iterator[int]:
+    """On CPU, run the body on n threads; yield the count set before, and restore it afterwards.
+
+    Cached sampling steps one position at a time on one thread: a step is dozens of tiny
+    operations, and waking a second thread for each costs more than it saves. Filling the cache
+    (the prompt, each rebuild) and the uncached path run whole windows, which two threads do
+    faster. Measured on the 2-core CPU, CPU config, 1,000 characters: cached 480 ms on one thread
+    against 553 ms on two; with the fills on two threads 373 ms against 413 ms on one; uncached
+    1.96 s on two threads against 2.87 s on one. Other devices are left alone."""
     before = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(n)
     try:
-        yield
+        yield before
     finally:
         torch.set_num_threads(before)
 
 
 def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-              generator: torch.Generator | None, use_cache: bool) -> Iterator[torch.Tensor]:
+              generator: torch.Generator | None, use_cache: bool, fill_threads: int = 0) -> Iterator[torch.Tensor]:
     block_size = model.config.block_size
     if not use_cache:
         for _ in range(max_new_tokens):
@@ -98,19 +101,21 @@ def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: f
         return
 
     keep = rebuild_keep(block_size)  # context kept when the cache is rebuilt
-    cache = model.new_kv_cache(idx.size(0))
-    # Eval mode (no dropout) takes the lean path; it computes what model() would.
-    if model.training:
-        def forward(ids: torch.Tensor) -> torch.Tensor:
-            return model(ids, kv_cache=cache)[0][:, -1, :]
-    else:
-        weights = decode_weights(model)
+    if model.training:  # dropout active: the module path
+        cache = model.new_kv_cache(idx.size(0))
 
-        def forward(ids: torch.Tensor) -> torch.Tensor:
-            return lean_forward(model, weights, ids, cache)
+        def fill(ids: torch.Tensor) -> torch.Tensor:
+            cache.reset()
+            return model(ids, kv_cache=cache)[0][:, -1, :]
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids, kv_cache=cache)[0][:, -1, :]
+    else:  # eval mode: the lean path, which computes what model() would
+        decoder = Decoder(model, idx.size(0), fill_threads)
+        cache, fill, step = decoder.cache, decoder.fill, decoder.step
 
     context = idx[:, -block_size:]
-    logits = forward(context)  # (B, V): the prompt, processed once
+    logits = fill(context)  # (B, V): the prompt, processed once
     recent = [context]  # the ids fed since the cache was last (re)built, for the next rebuild
     for i in range(max_new_tokens):
         next_id = pick_next(logits, temperature, top_k, generator)
@@ -119,35 +124,37 @@ def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: f
             break
         recent.append(next_id)
         if cache.length == block_size:  # window full: rebuild the cache from the recent context
-            cache.reset()
             context = torch.cat(recent, dim=1)[:, -keep:]
             recent = [context]
+            logits = fill(context)
         else:
-            context = next_id  # one new position
-        logits = forward(context)
+            logits = step(next_id)  # one new position
 
 
 # ----------------------------------------------------------------------------- fast decoding
 # For small models, the time to generate one character is mostly per-operation overhead (Python,
-# module calls, dispatch), not arithmetic. `lean_forward` runs the model with a KV cache as a flat
-# list of tensor operations on weights prepared once per generate() call: the same math as
-# GPT.forward with a KV cache (tested equal), in fewer and cheaper operations:
+# module calls, dispatch), not arithmetic. In eval mode, generate() runs the model through flat
+# tensor operations instead of the modules: the same math as GPT.forward with a KV cache (tested
+# equal), in fewer and cheaper operations:
 #   * each Linear is one torch.addmm(bias, x, W) on a weight stored transposed, (in, out), so no
 #     transpose is made per call; the residual is added the same way: addmm(x + bias, y, W);
-#   * keys and values are stored with one copy (LayerCache.append_kv);
+#   * keys and values are stored with one copy (they sit side by side in LayerCache.kv);
 #   * GELU is written with erf, gelu(h) = h/2 * (1 + erf(h/sqrt2)), and its two scalings are
 #     folded into the weights: with u = h/sqrt2 (c_fc's weight and bias divided by sqrt2),
 #     gelu(h) @ W = (u + u * erf(u)) @ (W / sqrt2), two operations instead of F.gelu, whose fixed
-#     cost on CPU is several microseconds at one position.
-# Measured on the CPU config's model, one thread, 1,000 characters: 371 us per character against
-# 416 us without the last two points, and 480 us through F.linear, F.gelu and two copies.
+#     cost on CPU is several microseconds at one position;
+#   * for one new position (Decoder.step), every view and buffer that does not change from one
+#     position to the next is made once, so a step is little more than its arithmetic.
+# Measured on the CPU config's model, one thread, 1,000 characters (README, Speed): 283 us per
+# character with Decoder.step, 367 us with lean_forward for every position, 416 us without
+# the one-copy cache and the folded GELU, 480 us through F.linear, F.gelu and two copies.
 
 SQRT2 = math.sqrt(2)
 
 
 def decode_weights(model: GPT) -> list[tuple[torch.Tensor | None, ...]]:
-    """Per block, the tensors lean_forward needs: Linear weights transposed to (in, out), the MLP's
-    scaled by 1/sqrt2 (see above). They are copies, made again by every generate() call."""
+    """Per block, the tensors the lean path needs: Linear weights transposed to (in, out), the MLP's
+    scaled by 1/sqrt2 (see above). They are copies, made again for every generate() call."""
     def t(linear: torch.nn.Linear, scale: float = 1.0) -> torch.Tensor:
         return linear.weight.t().contiguous() / scale
 
@@ -160,35 +167,90 @@ def decode_weights(model: GPT) -> list[tuple[torch.Tensor | None, ...]]:
     return out
 
 
-def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """bias + x @ weight_t in one operation (a bias of None adds nothing)."""
-    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight_t: torch.Tensor, out: torch.Tensor | None = None):
+    """bias + x @ weight_t in one operation (a bias of None adds nothing), into `out` if given."""
+    return torch.matmul(x, weight_t, out=out) if bias is None else torch.addmm(bias, x, weight_t, out=out)
+
+
+def _mlp_residual(x: torch.Tensor, C: int, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b) -> torch.Tensor:
+    """x + MLP(ln_2(x)) with the folded GELU (see above); x is (N, C)."""
+    u = _addmm(fc_b, F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w)  # (N, 4C): the MLP's input / sqrt2
+    return _addmm(x if out_b is None else x + out_b, torch.addcmul(u, u, torch.erf(u)), out_w)
 
 
 def lean_forward(model: GPT, weights: list[tuple], idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits (B, V) of the last of the positions idx (B, T), whose keys and values join the cache.
-
-    Either the cache is empty (a prompt or a rebuild: T positions from 0, causal) or T is 1 (one new
-    position, which sees every cached one). Equals model(idx, kv_cache=cache)[0][:, -1] in eval mode.
-    """
+    """Logits (B, V) of the last of the positions idx (B, T), fed into an empty cache (the prompt or a
+    rebuild: positions 0 .. T-1, causal). Equals model(idx, kv_cache=cache)[0][:, -1] in eval mode."""
     B, T = idx.size()
     C, nh = model.config.n_embd, model.config.n_head
     hs = C // nh
-    pos = cache.length
-    if T > 1 and pos > 0:
-        raise ValueError("lean_forward takes several positions only into an empty cache")
+    if cache.length > 0:
+        raise ValueError("lean_forward fills an empty cache; one more position at a time is Decoder.step")
     tr = model.transformer
-    x = (F.embedding(idx, tr.wte.weight) + tr.wpe.weight[pos:pos + T]).view(B * T, C)  # (B*T, C)
-    for layer, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b) \
-            in zip(cache.layers, weights):
+    x = (F.embedding(idx, tr.wte.weight) + tr.wpe.weight[:T]).view(B * T, C)  # (B*T, C)
+    for layer, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, *mlp) in zip(cache.layers, weights):
         qkv = _addmm(attn_b, F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w).view(B, T, 3, nh, hs)
-        k, v = layer.append_kv(qkv[:, :, 1:].permute(0, 3, 1, 2, 4))  # (B, nh, pos + T, hs): every key so far
+        k, v = layer.append_kv(qkv[:, :, 1:].permute(0, 3, 1, 2, 4))  # (B, nh, T, hs) each
         y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), k, v, is_causal=T > 1)  # (B, nh, T, hs)
         x = _addmm(x if proj_b is None else x + proj_b, y.transpose(1, 2).reshape(B * T, C), proj_w)  # residual
-        u = _addmm(fc_b, F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w)  # (B*T, 4C): the MLP's input / sqrt2
-        x = _addmm(x if out_b is None else x + out_b, torch.addcmul(u, u, torch.erf(u)), out_w)  # GELU, residual
+        x = _mlp_residual(x, C, *mlp)
     x = F.layer_norm(x.view(B, T, C)[:, -1], (C,), tr.ln_f.weight, tr.ln_f.bias)  # (B, C): the last position
     return F.linear(x, model.lm_head.weight)  # (B, V)
+
+
+class Decoder:
+    """An eval-mode model with its KV cache, run on the lean path: `fill` empties the cache and feeds
+    it several positions (lean_forward); `step` feeds one more position.
+
+    For `step`, what does not change between positions is made here once: the weights
+    (decode_weights); per layer a buffer the Q, K, V projection is written into, with the query and
+    the new key/value pair as views of it; and per layer and position p, the cache slot p and the
+    keys and values 0..p that position p attends to.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, fill_threads: int = 0):
+        c = model.config
+        self.fill_threads = fill_threads  # CPU threads for fill (0: leave as set); step uses what is set
+        B, C, nh = batch_size, c.n_embd, c.n_head
+        self.model, self.C, self.block_size = model, C, c.block_size
+        self.weights = decode_weights(model)
+        self.cache = model.new_kv_cache(B)
+        p = model.lm_head.weight
+        self.qkv = [torch.empty(B, 3 * C, device=p.device, dtype=p.dtype) for _ in self.weights]
+        heads = [buf.view(B, 3, nh, 1, C // nh) for buf in self.qkv]
+        self.query = [h[:, 0] for h in heads]  # (B, nh, 1, hs)
+        self.new_kv = [h[:, 1:].permute(0, 2, 3, 1, 4) for h in heads]  # (B, nh, 1, 2, hs)
+        positions = range(c.block_size)
+        self.slot = [[layer.kv[:, :, pos:pos + 1] for pos in positions] for layer in self.cache.layers]
+        self.seen = [[(layer.kv[:, :, :pos + 1, 0], layer.kv[:, :, :pos + 1, 1]) for pos in positions]
+                     for layer in self.cache.layers]
+
+    def fill(self, idx: torch.Tensor) -> torch.Tensor:
+        """Empty the cache, feed it positions idx (B, T); logits (B, V) of the last."""
+        self.cache.reset()
+        with cpu_threads(idx.device, self.fill_threads or torch.get_num_threads()):
+            return lean_forward(self.model, self.weights, idx, self.cache)
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        """Feed one new position idx (B, 1) at index cache.length; its logits (B, V).
+
+        Equals model(idx, kv_cache=cache)[0][:, -1] in eval mode."""
+        pos, C = self.cache.length, self.C
+        if pos >= self.block_size:
+            raise ValueError(f"KV cache holds {self.block_size} positions; {pos + 1} requested")
+        tr = self.model.transformer
+        x = F.embedding(idx[:, 0], tr.wte.weight) + tr.wpe.weight[pos]  # (B, C)
+        for i, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, *mlp) in enumerate(self.weights):
+            _addmm(attn_b, F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w, out=self.qkv[i])  # q, k, v
+            self.slot[i][pos].copy_(self.new_kv[i])  # the new key and value join the cache
+            k, v = self.seen[i][pos]  # (B, nh, pos + 1, hs): every key and value so far
+            y = F.scaled_dot_product_attention(self.query[i], k, v)  # (B, nh, 1, hs)
+            x = _addmm(x if proj_b is None else x + proj_b, y.view(x.size(0), C), proj_w)  # residual
+            x = _mlp_residual(x, C, *mlp)
+        for layer in self.cache.layers:
+            layer.length = pos + 1
+        x = F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias)
+        return F.linear(x, self.model.lm_head.weight)  # (B, V)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 
 from minigpt.config import Config, ModelConfig
 from minigpt.model import GPT, LayerCache
-from minigpt.sample import LoadedModel, decode_weights, generate, lean_forward, pick_next, rebuild_keep, sample
+from minigpt.sample import Decoder, LoadedModel, generate, lean_forward, pick_next, rebuild_keep, sample
 from minigpt.tokenizer import CharTokenizer
 
 VOCAB = 20
@@ -50,38 +50,47 @@ def test_greedy_cached_equals_uncached_in_float32():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_lean_forward_equals_model_forward_with_cache(bias):
-    """The lean path: a prompt into an empty cache, then one new position, against the module path."""
+def test_lean_path_equals_model_forward_with_cache(bias):
+    """The lean path: a prompt into an empty cache (fill), then two single positions (step), against the modules."""
     model = make_model(block_size=16, dtype=torch.float32, bias=bias)
-    prompt, new = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[7], [8]])
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with torch.inference_mode():
-        a, b = model.new_kv_cache(2), model.new_kv_cache(2)
-        weights = decode_weights(model)
-        torch.testing.assert_close(lean_forward(model, weights, prompt, b), model(prompt, kv_cache=a)[0][:, -1])
-        for la, lb in zip(a.layers, b.layers):  # the cached keys and values agree too
-            torch.testing.assert_close(lb.k[:, :, :3], la.k[:, :, :3])
-            torch.testing.assert_close(lb.v[:, :, :3], la.v[:, :, :3])
-        expected = model(new, kv_cache=a)[0][:, -1]
-        got = lean_forward(model, weights, new, b)
-        full = model(torch.cat([prompt, new], dim=1))[0][:, -1]
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
-    assert a.length == b.length == 4
-    with pytest.raises(ValueError, match="empty cache"):
-        lean_forward(model, weights, prompt, b)  # several positions after cached ones: not a case generate() makes
+        cache = model.new_kv_cache(2)
+        decoder = Decoder(model, 2)
+        torch.testing.assert_close(decoder.fill(prompt), model(prompt, kv_cache=cache)[0][:, -1])
+        for la, lb in zip(cache.layers, decoder.cache.layers):  # the cached keys and values agree too
+            torch.testing.assert_close(lb.kv[:, :, :3], la.kv[:, :, :3])
+        seq = prompt
+        for new in (torch.tensor([[7], [8]]), torch.tensor([[9], [0]])):
+            expected = model(new, kv_cache=cache)[0][:, -1]
+            got = decoder.step(new)
+            torch.testing.assert_close(got, expected)
+            seq = torch.cat([seq, new], dim=1)
+            torch.testing.assert_close(got, model(seq)[0][:, -1], rtol=1e-5, atol=1e-5)
+        assert cache.length == decoder.cache.length == 5
+        with pytest.raises(ValueError, match="empty cache"):
+            lean_forward(model, decoder.weights, prompt, decoder.cache)
+        decoder.fill(torch.zeros(2, 16, dtype=torch.long))  # a full window: no room for one more position
+        with pytest.raises(ValueError, match="holds 16 positions"):
+            decoder.step(torch.tensor([[1], [2]]))
 
 
 def test_beyond_block_size_model_never_sees_more_than_block_size(monkeypatch):
     """Record every write to the KV cache: positions fed plus positions already cached never exceed block_size."""
     model = make_model(block_size=8)
     seen: list[tuple[int, int]] = []
-    original = LayerCache.append_kv  # both the module path (append) and the lean path store through it
+    original_fill, original_step = LayerCache.append_kv, Decoder.step  # every way positions enter the cache
 
-    def recording(self, kv):
+    def recording_fill(self, kv):
         seen.append((kv.size(2), self.length))
-        return original(self, kv)
+        return original_fill(self, kv)
 
-    monkeypatch.setattr(LayerCache, "append_kv", recording)
+    def recording_step(self, idx):
+        seen.append((idx.size(1), self.cache.length))
+        return original_step(self, idx)
+
+    monkeypatch.setattr(LayerCache, "append_kv", recording_fill)
+    monkeypatch.setattr(Decoder, "step", recording_step)
     out = greedy(model, [[1, 2, 3]], 40, use_cache=True)
     assert len(out[0]) == 40
     assert seen and all(t + cached <= 8 for t, cached in seen)
@@ -161,3 +170,33 @@ def test_training_mode_uses_the_module_path():
     model = make_model(block_size=8, dtype=torch.float32).train()
     out = greedy(model, [[1]], 20, use_cache=True)
     assert len(out[0]) == 20
+
+
+def test_cached_steps_run_on_one_cpu_thread_fills_and_uncached_on_all(monkeypatch):
+    """The thread policy of generate(): one thread per cached step, every thread for whole windows; restored after."""
+    from minigpt import sample as sample_mod
+
+    torch.set_num_threads(2)  # the autouse fixture restores its own setting afterwards
+    model = make_model(block_size=8, dtype=torch.float32)
+    seen: dict[str, set[int]] = {"fill": set(), "step": set(), "uncached": set()}
+    original_fill, original_step, original_trunk = sample_mod.lean_forward, Decoder.step, GPT._trunk
+
+    def fill(*args):
+        seen["fill"].add(torch.get_num_threads())
+        return original_fill(*args)
+
+    def step(self, idx):
+        seen["step"].add(torch.get_num_threads())
+        return original_step(self, idx)
+
+    def trunk(self, *args, **kwargs):
+        seen["uncached"].add(torch.get_num_threads())
+        return original_trunk(self, *args, **kwargs)
+
+    monkeypatch.setattr(sample_mod, "lean_forward", fill)
+    monkeypatch.setattr(Decoder, "step", step)
+    greedy(model, [[1, 2]], 30, use_cache=True)  # 30 characters in a window of 8: several rebuilds
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(GPT, "_trunk", trunk)
+    greedy(model, [[1, 2]], 5, use_cache=False)
+    assert seen == {"fill": {2}, "step": {1}, "uncached": {2}} and torch.get_num_threads() == 2

@@ -296,7 +296,8 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load, override and validate a config file; the run name defaults to the file's stem."""
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])
-    return from_dict(raw, source=str(path), name=path.stem)
+    source = f"{path} with --set {', '.join(overrides)}" if overrides else str(path)  # a typo may be in either
+    return from_dict(raw, source=source, name=path.stem)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -246,6 +246,11 @@ def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], No
     return prepared
 
 
+def corpus_name(sources: list[str]) -> str:
+    """The corpus as a user named it: its file, or its first file and how many more are joined to it."""
+    return sources[0] if len(sources) == 1 else f"the corpus {sources[0]} + {len(sources) - 1} more file(s)"
+
+
 def check_lengths(prepared: Prepared, block_size: int) -> None:
     """Both splits must hold at least one window of block_size + 1 characters."""
     need = block_size + 1
@@ -253,7 +258,7 @@ def check_lengths(prepared: Prepared, block_size: int) -> None:
         have = prepared.meta[f"{split}_tokens"]
         if have < need:
             raise DataError(
-                f"the {split} split of {prepared.meta['sources'][0]} has {have} characters but model.block_size "
+                f"the {split} split of {corpus_name(prepared.meta['sources'])} has {have} characters but model.block_size "
                 f"{block_size} needs at least {need}; use a longer corpus, a smaller model.block_size"
                 + (", or a larger data.val_fraction" if split == "val" else "")
             )

@@ -245,7 +245,7 @@ class Decoder:
             self.slot[i][pos].copy_(self.new_kv[i])  # the new key and value join the cache
             k, v = self.seen[i][pos]  # (B, nh, pos + 1, hs): every key and value so far
             y = F.scaled_dot_product_attention(self.query[i], k, v)  # (B, nh, 1, hs)
-            x = _addmm(x if proj_b is None else x + proj_b, y.view(x.size(0), C), proj_w)  # residual
+            x = _addmm(x if proj_b is None else x + proj_b, y.reshape(x.size(0), C), proj_w)  # residual
             x = _mlp_residual(x, C, *mlp)
         for layer in self.cache.layers:
             layer.length = pos + 1

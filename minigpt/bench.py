@@ -304,12 +304,12 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
 
         say("measuring the matmul peak")
         peak = matmul_peak_gflops(device)
-        default_dtype = device_mod.resolve_precision(cfg.train.dtype, device).dtype
-        peak_default = peak if default_dtype == torch.float32 else matmul_peak_gflops(device, dtype=default_dtype)
         eager_cfg = _with_train(cfg, compile=False, dtype="float32", fused_attention=False)
         say("building and warming up the default and the eager float32 trainers (compiling, if enabled)")
         default = make_trainer("default", cfg, tokens, vocab, device)
         eager = make_trainer("eager_fp32", eager_cfg, tokens, vocab, device)
+        default_dtype = default.precision.dtype  # the peak MFU is taken against, for the default settings
+        peak_default = peak if default_dtype == torch.float32 else matmul_peak_gflops(device, dtype=default_dtype)
         compare_training([default, eager], device, warmup_steps, rounds, round_seconds)
         train_rss = peak_rss_mb()
         flops = train_flops_per_token(default.model)

@@ -104,12 +104,12 @@ def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: f
     if model.training:  # dropout active: the module path
         cache = model.new_kv_cache(idx.size(0))
 
-        def fill(ids: torch.Tensor) -> torch.Tensor:
-            cache.reset()
-            return model(ids, kv_cache=cache)[0][:, -1, :]
-
         def step(ids: torch.Tensor) -> torch.Tensor:
             return model(ids, kv_cache=cache)[0][:, -1, :]
+
+        def fill(ids: torch.Tensor) -> torch.Tensor:
+            cache.reset()
+            return step(ids)
     else:  # eval mode: the lean path, which computes what model() would
         decoder = Decoder(model, idx.size(0), fill_threads)
         cache, fill, step = decoder.cache, decoder.fill, decoder.step

@@ -49,8 +49,9 @@ from minigpt.config import Config
 from minigpt.distributed import World
 from minigpt.errors import MiniGPTError
 from minigpt.model import GPT
+from minigpt.run import Run, build_run, compile_and_wrap, rank_batch
 from minigpt.sample import generate
-from minigpt.train import make_optimizer, rank_batch, train_step
+from minigpt.train import train_step
 
 SAMPLE_TOKENS = 1000  # new tokens per sampling measurement
 SAMPLE_BATCH = 8  # sequences in the batched sampling measurement
@@ -134,42 +135,24 @@ def train_flops_per_token(model: GPT) -> float:
 
 @dataclass
 class Trainer:
-    """One training setup: a model, its optimizer and the step function that drives them."""
+    """One training setup: a run built by minigpt.run (model, optimizer, ...) and its timings."""
 
     name: str
-    model: GPT
-    step_model: torch.nn.Module
-    step: Callable[[], torch.Tensor]
-    precision: device_mod.Precision
-    compiled: bool
-    fused_attention: bool
-    tokens_per_step: int
+    run: Run
     warmup_s: float = 0.0
     best_step_s: float = float("inf")
 
-
-def make_trainer(name: str, cfg: Config, tokens, vocab_size: int, device: torch.device) -> Trainer:
-    """Build model, AdamW and one training step the way minigpt.train does (same helpers, same order)."""
-    t = cfg.train
-    precision = device_mod.resolve_precision(t.dtype, device)
-    torch.manual_seed(t.seed)
-    model = GPT(cfg.model, vocab_size).to(device)
-    fused = device_mod.resolve_fused_attention(t.fused_attention, device, precision)
-    model.set_fused_attention(fused)
-    optimizer = make_optimizer(model, t, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    compiled = device_mod.resolve_compile(t.compile, device)
-    step_model = device_mod.compile_model(model, device) if compiled else model
-    generator = torch.Generator().manual_seed(t.seed)
-    world = World()
-
-    def step() -> torch.Tensor:
-        loss, _ = train_step(step_model, model, optimizer, scaler, precision, world, t,
-                             lambda: rank_batch(tokens, cfg, generator, world, device))
+    def step(self) -> torch.Tensor:
+        """One optimizer step, exactly as minigpt.train takes it; returns the loss (on the device)."""
+        loss, _ = train_step(self.run)
         return loss
 
-    return Trainer(name, model, step_model, step, precision, compiled, fused,
-                   t.batch_size * t.gradient_accumulation_steps * cfg.model.block_size)
+
+def make_trainer(name: str, cfg: Config, prepared: data.Prepared, device: torch.device) -> Trainer:
+    """A fresh single-process run on `device`, built and compiled as minigpt.train builds it."""
+    run = build_run(cfg, World(device=device), prepared)
+    compile_and_wrap(run)
+    return Trainer(name, run)
 
 
 def warm_up(trainer: Trainer, steps: int, device: torch.device) -> None:
@@ -208,15 +191,15 @@ def compare_training(trainers: list[Trainer], device: torch.device, warmup_steps
 @torch.no_grad()
 def eval_tokens_per_s(trainer: Trainer, tokens, cfg: Config, device: torch.device, batches: int = 30) -> float:
     """Forward passes with loss under no_grad, as minigpt.train.estimate_loss runs them."""
-    trainer.step_model.eval()
+    trainer.run.step_model.eval()
     generator = torch.Generator().manual_seed(0)
     world = World()
 
     def run(n: int) -> None:
         for _ in range(n):
             x, y = rank_batch(tokens, cfg, generator, world, device)
-            with trainer.precision.autocast(device):
-                _, loss = trainer.step_model(x, y)
+            with trainer.run.precision.autocast(device):
+                _, loss = trainer.run.step_model(x, y)
         loss.item()
 
     run(3)  # warm-up (and compile of the no-grad graph, if compiled)
@@ -225,7 +208,7 @@ def eval_tokens_per_s(trainer: Trainer, tokens, cfg: Config, device: torch.devic
         start = time.perf_counter()
         run(batches // 3)
         best = min(best, (time.perf_counter() - start) / (batches // 3))
-    trainer.step_model.train()
+    trainer.run.step_model.train()
     return cfg.train.batch_size * cfg.model.block_size / best
 
 
@@ -300,26 +283,26 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
         cfg.data.prepared_dir = str(workdir / "prepared")
         prepared = data.prepare(cfg.data, cfg.model.block_size)
         tokens = prepared.tokens("train")
-        vocab = prepared.tokenizer.vocab_size
 
         say("measuring the matmul peak")
         peak = matmul_peak_gflops(device)
         eager_cfg = _with_train(cfg, compile=False, dtype="float32", fused_attention=False)
         say("building and warming up the default and the eager float32 trainers (compiling, if enabled)")
-        default = make_trainer("default", cfg, tokens, vocab, device)
-        eager = make_trainer("eager_fp32", eager_cfg, tokens, vocab, device)
-        default_dtype = default.precision.dtype  # the peak MFU is taken against, for the default settings
+        default = make_trainer("default", cfg, prepared, device)
+        eager = make_trainer("eager_fp32", eager_cfg, prepared, device)
+        default_run = default.run
+        default_dtype = default_run.precision.dtype  # the peak MFU is taken against, for the default settings
         peak_default = peak if default_dtype == torch.float32 else matmul_peak_gflops(device, dtype=default_dtype)
         compare_training([default, eager], device, warmup_steps, rounds, round_seconds)
         train_rss = peak_rss_mb()
-        flops = train_flops_per_token(default.model)
-        default_tps = default.tokens_per_step / default.best_step_s
-        eager_tps = eager.tokens_per_step / eager.best_step_s
-        compile_s = max(0.0, default.warmup_s - warmup_steps * default.best_step_s) if default.compiled else 0.0
+        flops = train_flops_per_token(default_run.model)
+        default_tps = default_run.tokens_per_step / default.best_step_s
+        eager_tps = eager.run.tokens_per_step / eager.best_step_s
+        compile_s = max(0.0, default.warmup_s - warmup_steps * default.best_step_s) if default_run.compiled else 0.0
         report.update({
-            "dtype": default.precision.name, "compile": default.compiled,
-            "fused_attention": default.fused_attention,
-            "params": default.model.num_params(), "train_flops_per_token": flops,
+            "dtype": default_run.precision.name, "compile": default_run.compiled,
+            "fused_attention": default_run.fused_attention,
+            "params": default_run.model.num_params(), "train_flops_per_token": flops,
             "matmul_peak_gflops": peak, "matmul_peak_gflops_default_dtype": peak_default,
             "train_tokens_per_s": default_tps, "train_tokens_per_s_eager_fp32": eager_tps,
             "speedup_vs_eager": default_tps / eager_tps,
@@ -331,7 +314,7 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
         report["eval_tokens_per_s"] = eval_tokens_per_s(default, tokens, cfg, device)
 
         say(f"measuring sampling ({SAMPLE_TOKENS} new tokens)")
-        model = default.model.eval()
+        model = default_run.model.eval()
         model.set_fused_attention(True)  # as `minigpt sample` loads it (load_model)
         prompt = torch.tensor([prepared.tokenizer.encode("The ")], dtype=torch.long, device=device)
         cached, uncached = compare_sampling(model, prompt, SAMPLE_TOKENS)
@@ -341,7 +324,7 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
         report.update({"sample_tokens_per_s_cached": cached, "sample_tokens_per_s_uncached": uncached,
                        "cache_speedup": cached / uncached, "sample_batch_size": SAMPLE_BATCH,
                        "sample_tokens_per_s_batch": batch})
-        del default, eager, model
+        del default, default_run, eager, model
 
         say(f"measuring prepare on a generated {prepare_mb:g} MB corpus (in a child process)")
         prep = measure_prepare(prepare_mb, workdir)

@@ -6,6 +6,9 @@ step, every RNG state that feeds batches and dropout, the resolved config, the t
 vocabulary, the best validation loss and where the data came from. Only plain types and
 tensors are stored, so `torch.load(weights_only=True)` reads it.
 
+`state_of` lists what a checkpoint holds about a training run and `restore` puts it back: the
+one place where a run's state is turned into a checkpoint and back.
+
 A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
 renamed over the old one: a process killed at any moment leaves the previous file intact.
 A run directory keeps two: `last.pt` (resume from here) and `best.pt` (lowest val loss).
@@ -16,11 +19,15 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from minigpt import config as config_mod
 from minigpt.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from minigpt.run import Run
 
 FORMAT = "minigpt-checkpoint"
 VERSION = 1
@@ -33,6 +40,38 @@ def clean_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
         module = getattr(module, "module", None) or getattr(module, "_orig_mod")
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def state_of(run: Run) -> dict[str, Any]:
+    """Everything sampling and an exact resume need from a run, as plain types and tensors."""
+    cuda = run.device.type == "cuda"
+    meta = run.data_meta
+    return {
+        "model": clean_state_dict(run.model),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.precision.use_scaler else None,
+        "step": run.step,
+        "best_val_loss": run.best_val_loss,
+        "config": config_mod.to_dict(run.cfg),
+        "tokenizer": run.tokenizer.to_dict(),
+        "rng": {"batch": run.batch_generator.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(run.device) if cuda else None},
+        "data": {"sources": meta["sources"], "sha256": meta["source_sha256"],
+                 "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]},
+    }
+
+
+def restore(run: Run, payload: dict[str, Any]) -> None:
+    """Put a checkpoint's training state (from `state_of`) back into `run`, RNG streams included."""
+    run.model.load_state_dict(payload["model"])
+    run.optimizer.load_state_dict(payload["optimizer"])
+    if run.precision.use_scaler and payload.get("scaler"):
+        run.scaler.load_state_dict(payload["scaler"])
+    run.batch_generator.set_state(payload["rng"]["batch"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    if run.device.type == "cuda" and payload["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(payload["rng"]["cuda"], run.device)
+    run.step, run.best_val_loss = payload["step"], payload["best_val_loss"]
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:

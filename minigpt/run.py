@@ -1,0 +1,202 @@
+"""What a training run holds between steps, and how a run starts.
+
+A `Run` is everything the training loop carries from one step to the next: the model and the
+module that runs its forward pass (compiled and/or wrapped in DDP), the optimizer, the loss
+scaler, the step, the best validation loss, the generator that draws training batches, the
+TensorBoard tracker and the process group (`World`). `start_run` makes one, fresh or resumed
+from a checkpoint, in the order every small GPT trainer sets up: prepare the data, build the
+model and optimizer, restore, write the run directory, compile. `checkpoint.state_of` and
+`checkpoint.restore` write and read a run's state in one place, so the contents of a checkpoint
+are listed once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from minigpt import checkpoint, config as config_mod, data, device as device_mod
+from minigpt.config import Config
+from minigpt.distributed import World, per_rank_batch
+from minigpt.errors import CheckpointError
+from minigpt.model import GPT
+from minigpt.optim import make_optimizer
+from minigpt.tokenizer import CharTokenizer
+from minigpt.tracking import Tracker, log
+
+SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias")
+
+
+def rank_batch(tokens: np.ndarray, cfg: Config, generator: torch.Generator, world: World,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets for the whole global batch from one generator; this process reads its own slice."""
+    offsets = data.sample_offsets(len(tokens), cfg.model.block_size, cfg.train.batch_size, generator)
+    per_rank = per_rank_batch(cfg.train.batch_size, world.size)
+    mine = offsets[world.rank * per_rank:(world.rank + 1) * per_rank]
+    x, y = data.get_batch(tokens, mine, cfg.model.block_size)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+@dataclass
+class Run:
+    """The state of a training run between two steps (one process's share of it under torchrun)."""
+
+    cfg: Config
+    world: World  # this process's rank, the number of processes, and its device
+    precision: device_mod.Precision  # autocast dtype and whether the loss is scaled
+    model: GPT  # the plain module: its weights are what checkpoints hold
+    step_model: torch.nn.Module  # what runs the forward pass: the model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling for float16; a no-op otherwise
+    batch_generator: torch.Generator  # draws the training batches' offsets (saved, for exact resume)
+    tokenizer: CharTokenizer
+    tokens: dict[str, np.ndarray]  # "train" and "val" token arrays (memory-mapped)
+    data_meta: dict  # what data.prepare recorded about the corpus
+    fused_attention: bool
+    compiled: bool = False
+    step: int = 0  # optimizer steps taken
+    best_val_loss: float = math.inf
+    tracker: Tracker | None = None  # TensorBoard and the progress bar (disabled on ranks other than 0)
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir()
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.gradient_accumulation_steps * self.cfg.model.block_size
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch (x, y) of this process."""
+        return rank_batch(self.tokens["train"], self.cfg, self.batch_generator, self.world, self.device)
+
+    def say(self, message: str) -> None:
+        """A line of progress on stderr, from rank 0 only."""
+        if self.world.is_main:
+            log(message)
+
+    def save(self, name: str) -> None:
+        """Write the run's state to `name` (last.pt or best.pt) in its run directory; rank 0 only."""
+        if self.world.is_main:
+            checkpoint.save(self.run_dir / name, checkpoint.state_of(self))
+
+
+def build_run(cfg: Config, world: World, prepared: data.Prepared) -> Run:
+    """A fresh run at step 0: seeded model, optimizer, loss scaler and batch generator on world's device."""
+    t = cfg.train
+    precision = device_mod.resolve_precision(t.dtype, world.device)
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model, prepared.tokenizer.vocab_size).to(world.device)
+    fused_attention = device_mod.resolve_fused_attention(t.fused_attention, world.device, precision)
+    model.set_fused_attention(fused_attention)
+    return Run(cfg=cfg, world=world, precision=precision, model=model, step_model=model,
+               optimizer=make_optimizer(model, t, world.device),
+               scaler=torch.amp.GradScaler(world.device.type, enabled=precision.use_scaler),
+               batch_generator=torch.Generator().manual_seed(t.seed), tokenizer=prepared.tokenizer,
+               tokens={split: prepared.tokens(split) for split in ("train", "val")}, data_meta=prepared.meta,
+               fused_attention=fused_attention)
+
+
+def compile_and_wrap(run: Run) -> None:
+    """Set the module that runs the forward pass: compiled if train.compile says so, in DDP under torchrun."""
+    if device_mod.resolve_compile(run.cfg.train.compile, run.device):
+        run.step_model = device_mod.compile_model(run.model, run.device)  # falls back to eager with a note
+        run.compiled = run.step_model is not run.model
+    run.step_model = run.world.wrap(run.step_model)
+
+
+def config_differences(old: dict, new: dict) -> dict[str, tuple]:
+    """Dotted keys whose values differ between two config dicts."""
+    diffs = {}
+    for section in config_mod.SECTIONS:
+        for key in set(old.get(section, {})) | set(new.get(section, {})):
+            a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
+            if a != b:
+                diffs[f"{section}.{key}"] = (a, b)
+    return diffs
+
+
+def check_resume(payload: dict, cfg: Config, tokenizer: CharTokenizer, say: Callable[[str], None] = log) -> None:
+    """Refuse a checkpoint whose network shape or vocabulary differ; say which harmless keys changed."""
+    diffs = config_differences(payload["config"], config_mod.to_dict(cfg))
+    shape = {k: v for k, v in diffs.items() if k in SHAPE_KEYS}
+    if shape:
+        listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in shape.items())
+        raise CheckpointError(f"cannot resume {payload['path']}: the config changes the model shape ({listed}); "
+                              "restore those values or train a new run with --out-dir")
+    if payload["tokenizer"]["chars"] != tokenizer.chars:
+        raise CheckpointError(f"cannot resume {payload['path']}: the corpus vocabulary differs from the one it was "
+                              "trained on; use the same data.path or train a new run with --out-dir")
+    harmless = {k: v for k, v in diffs.items() if k not in SHAPE_KEYS}
+    if harmless:
+        say("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in harmless.items()))
+
+
+def resume_run(run: Run, resume: str | bool) -> None:
+    """Continue `run` from its run directory's last.pt (resume=True) or from the checkpoint file `resume`."""
+    last_path = run.run_dir / checkpoint.LAST
+    if resume is True and not last_path.exists():
+        raise CheckpointError(f"nothing to resume: run directory {run.run_dir} holds no {checkpoint.LAST}; "
+                              "train without --resume, or point --out-dir at an existing run")
+    payload = checkpoint.load(last_path if resume is True else resume, prefer=checkpoint.LAST)
+    check_resume(payload, run.cfg, run.tokenizer, run.say)
+    checkpoint.restore(run, payload)
+    run.say(f"resuming {payload['path']} at step {run.step} (best val loss {run.best_val_loss:.4f})")
+
+
+def refuse_to_overwrite(cfg: Config) -> None:
+    """A fresh run may not silently replace the checkpoints of an earlier one."""
+    if (cfg.run_dir() / checkpoint.LAST).exists():
+        raise CheckpointError(f"run directory {cfg.run_dir()} already holds a checkpoint; pass --resume to continue it, "
+                              "--out-dir for a new run, or --overwrite to start again from scratch")
+
+
+def write_run_dir(cfg: Config) -> None:
+    """Create the run directory and write the resolved config into it."""
+    run_dir = cfg.run_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write to run directory {run_dir}: {exc.strerror or exc}; "
+                              "choose a writable --out-dir") from exc
+
+
+def start_run(cfg: Config, world: World, resume: str | bool = False, overwrite: bool = False,
+              progress: bool = True) -> Run:
+    """Everything before the first step: data, model and optimizer, resume, run directory, compile, tracker."""
+    t = cfg.train
+    threads = device_mod.set_threads(t.threads)
+    if not resume and not overwrite:
+        refuse_to_overwrite(cfg)
+    prepared = world.in_turn(lambda: data.prepare(cfg.data, cfg.model.block_size))  # written once, then read
+    run = build_run(cfg, world, prepared)
+    if resume:
+        resume_run(run, resume)
+    if world.is_main:
+        write_run_dir(cfg)
+    compile_and_wrap(run)
+    run.say(f"minigpt: {run.model.num_params() / 1e6:.2f}M parameters, {run.tokens_per_step} tokens/step, "
+            f"device {run.device}, dtype {run.precision.name}, "
+            f"{'fused' if run.fused_attention else 'explicit'} attention, {threads} threads, "
+            f"vocab {run.tokenizer.vocab_size}, {prepared.meta['train_tokens']:,} train / "
+            f"{prepared.meta['val_tokens']:,} val characters -> {run.run_dir}")
+    if run.step >= t.max_iters:
+        run.say(f"the run is already complete at step {run.step} (train.max_iters {t.max_iters}); "
+                f"to train longer: --resume --set train.max_iters=N with N > {run.step}")
+    run.tracker = Tracker(run.run_dir, run.step, t.max_iters, enabled=world.is_main,
+                          progress=progress and run.step < t.max_iters)
+    return run

@@ -89,7 +89,7 @@ def _train_args(config: Path, out_dir: Optional[Path], device: Optional[str], se
     args = (["--debug"] if _state["debug"] else []) + ["train", "--config", str(config)]
     args += ["--out-dir", str(out_dir)] if out_dir else []
     args += ["--device", device] if device else []
-    for item in set_ or []:
+    for item in set_ or []:  # --time is among them, as train.time_budget=...
         args += ["--set", item]
     args += ["--resume"] if resume else []
     args += ["--resume-from", str(resume_from)] if resume_from else []
@@ -108,11 +108,16 @@ def train(
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint file instead."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again even if the run directory holds checkpoints."),
     nproc: int = typer.Option(1, "--nproc", help="Number of data-parallel processes (launches torchrun when > 1)."),
+    time_budget: Optional[str] = typer.Option(
+        None, "--time", help="Train for this long, start-up included (90s, 5m, 1h): sets train.time_budget, "
+                             "and the step count is derived from it."),
 ) -> None:
     """Train a model from a YAML config (prepares the data first if needed)."""
     from minigpt.distributed import check_launch, launch
     from minigpt.train import train as run_training
 
+    if time_budget is not None:
+        set_ = list(set_ or []) + [f"train.time_budget={time_budget}"]
     cfg = _load_config(config, set_, device, out_dir)
     check_launch(nproc, cfg.train.device, cfg.train.batch_size)
     if nproc > 1:

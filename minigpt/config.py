@@ -52,12 +52,16 @@ class TrainConfig:
     seed: int = 1337  # seeds weights, batches and dropout: same config, same losses (on CPU)
     batch_size: int = 12  # sequences per micro-step (global, over all processes)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    max_iters: int = 2000  # optimizer steps in the whole run
+    max_iters: int = 2000  # optimizer steps in the whole run (derived from time_budget when that is set)
+    time_budget: Union[float, str] = 0  # wall-clock for the whole `minigpt train`: seconds or 90s, 5m, 1h; 0 = off
     learning_rate: float = 1e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_iters: int = 100  # steps of linear warmup from 0 to learning_rate
-    lr_decay_iters: int = 0  # step at which the cosine reaches min_lr; 0 = max_iters
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
+    lr_decay_iters: int = 0  # step at which the decay reaches min_lr; 0 = max_iters
+    lr_schedule: Literal["cosine", "wsd"] = "cosine"  # after warmup: cosine decay, or warmup-stable-decay
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps, decaying linearly to min_lr
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' weight matrices, AdamW for the rest
+    weight_decay: float = 0.1  # decoupled weight decay, on matrices only
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.99  # AdamW second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
@@ -198,12 +202,37 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.learning_rate must be positive, got {t.learning_rate}")
     if t.min_lr > t.learning_rate:
         problems.append(f"train.min_lr ({t.min_lr}) must not exceed train.learning_rate ({t.learning_rate})")
-    if t.warmup_iters > t.max_iters:
+    try:
+        budget = duration_seconds(t.time_budget)
+    except ValueError:
+        budget = 0.0
+        problems.append(f"train.time_budget must be seconds or a duration such as 90s, 5m or 1h, got {t.time_budget!r}")
+    if not 0.0 < t.decay_fraction <= 1.0:
+        problems.append(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    if t.warmup_iters > t.max_iters and not budget:  # with a budget, max_iters is derived later
         problems.append(f"train.warmup_iters ({t.warmup_iters}) must not exceed train.max_iters ({t.max_iters})")
     try:
         "".encode(d.encoding)
     except LookupError:
         problems.append(f"data.encoding: unknown text encoding {d.encoding!r} (try utf-8)")
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(value: float | str) -> float:
+    """Seconds in a duration given as a number of seconds or as text: '90', '90s', '5m', '1.5h'; ValueError otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        unit = DURATION_UNITS.get(text[-1])
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"a duration must be zero or positive: {value!r}")
+    return seconds
 
 
 def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:

@@ -29,7 +29,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from minigpt import device as device_mod
+from minigpt import budget, device as device_mod
 from minigpt.errors import ConfigError, DeviceError
 
 T = TypeVar("T")
@@ -72,6 +72,14 @@ class World:
         votes = torch.tensor(1 if flag else 0, dtype=torch.int32, device=self.device)
         dist.all_reduce(votes, op=dist.ReduceOp.MAX)
         return bool(votes.item())
+
+    def share(self, value: int) -> int:
+        """Rank 0's `value`, on every process (for decisions that rank 0 makes alone)."""
+        if not self.distributed:
+            return value
+        shared = torch.tensor(value, dtype=torch.int64, device=self.device)
+        dist.broadcast(shared, src=0)
+        return int(shared.item())
 
     def barrier(self) -> None:
         """Wait until every process reaches this point."""
@@ -228,6 +236,7 @@ def launch(nproc: int, minigpt_args: list[str]) -> int:
     env = dict(os.environ)
     # torchrun would otherwise set 1 thread per process (with a warning); share the cores instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault(budget.START_ENV, str(budget.process_start_time()))  # a time budget counts from this process's start
     child = subprocess.Popen(launch_command(nproc, minigpt_args), env=env, start_new_session=True)
     received: list[int] = []
 

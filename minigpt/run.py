@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from minigpt import checkpoint, config as config_mod, data, device as device_mod
+from minigpt import budget, checkpoint, config as config_mod, data, device as device_mod
 from minigpt.config import Config
 from minigpt.distributed import World, per_rank_batch
 from minigpt.errors import CheckpointError
@@ -64,6 +64,8 @@ class Run:
     step: int = 0  # optimizer steps taken
     best_val_loss: float = math.inf
     tracker: Tracker | None = None  # TensorBoard and the progress bar (disabled on ranks other than 0)
+    budget_end: float | None = None  # when the time budget runs out (epoch seconds), for a budgeted fresh run
+    quiet: bool = False  # no progress lines (while the time budget measures an evaluation)
     history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
 
     @property
@@ -85,7 +87,7 @@ class Run:
 
     def say(self, message: str) -> None:
         """A line of progress on stderr, from rank 0 only."""
-        if self.world.is_main:
+        if self.world.is_main and not self.quiet:
             log(message)
 
     def save(self, name: str) -> None:
@@ -137,10 +139,14 @@ def check_resume(payload: dict, cfg: Config, tokenizer: CharTokenizer, say: Call
         listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in shape.items())
         raise CheckpointError(f"cannot resume {payload['path']}: the config changes the model shape ({listed}); "
                               "restore those values or train a new run with --out-dir")
+    if "train.optimizer" in diffs and (diffs["train.optimizer"][0] or "adamw") != cfg.train.optimizer:
+        raise CheckpointError(f"cannot resume {payload['path']}: it was trained with train.optimizer "
+                              f"{diffs['train.optimizer'][0]}, the config says {cfg.train.optimizer}; "
+                              "use the same optimizer or train a new run with --out-dir")
     if payload["tokenizer"]["chars"] != tokenizer.chars:
         raise CheckpointError(f"cannot resume {payload['path']}: the corpus vocabulary differs from the one it was "
                               "trained on; use the same data.path or train a new run with --out-dir")
-    harmless = {k: v for k, v in diffs.items() if k not in SHAPE_KEYS}
+    harmless = {k: v for k, v in diffs.items() if k not in SHAPE_KEYS and k != "train.optimizer"}
     if harmless:
         say("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in harmless.items()))
 
@@ -152,6 +158,8 @@ def resume_run(run: Run, resume: str | bool) -> None:
         raise CheckpointError(f"nothing to resume: run directory {run.run_dir} holds no {checkpoint.LAST}; "
                               "train without --resume, or point --out-dir at an existing run")
     payload = checkpoint.load(last_path if resume is True else resume, prefer=checkpoint.LAST)
+    if budget.seconds(run.cfg.train):  # a budgeted run continues with the steps it derived, not new ones
+        budget.keep_resolved(run.cfg.train, payload["config"]["train"])
     check_resume(payload, run.cfg, run.tokenizer, run.say)
     checkpoint.restore(run, payload)
     run.say(f"resuming {payload['path']} at step {run.step} (best val loss {run.best_val_loss:.4f})")
@@ -175,11 +183,9 @@ def write_run_dir(cfg: Config) -> None:
                               "choose a writable --out-dir") from exc
 
 
-def start_run(cfg: Config, world: World, resume: str | bool = False, overwrite: bool = False,
-              progress: bool = True) -> Run:
-    """Everything before the first step: data, model and optimizer, resume, run directory, compile, tracker."""
-    t = cfg.train
-    threads = device_mod.set_threads(t.threads)
+def start_run(cfg: Config, world: World, resume: str | bool = False, overwrite: bool = False) -> Run:
+    """Everything before the first step: data, model and optimizer, resume, run directory, compile."""
+    device_mod.set_threads(cfg.train.threads)
     if not resume and not overwrite:
         refuse_to_overwrite(cfg)
     prepared = world.in_turn(lambda: data.prepare(cfg.data, cfg.model.block_size))  # written once, then read
@@ -189,14 +195,21 @@ def start_run(cfg: Config, world: World, resume: str | bool = False, overwrite: 
     if world.is_main:
         write_run_dir(cfg)
     compile_and_wrap(run)
-    run.say(f"minigpt: {run.model.num_params() / 1e6:.2f}M parameters, {run.tokens_per_step} tokens/step, "
-            f"device {run.device}, dtype {run.precision.name}, "
-            f"{'fused' if run.fused_attention else 'explicit'} attention, {threads} threads, "
-            f"vocab {run.tokenizer.vocab_size}, {prepared.meta['train_tokens']:,} train / "
-            f"{prepared.meta['val_tokens']:,} val characters -> {run.run_dir}")
+    return run
+
+
+def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None = None) -> None:
+    """Say what is about to run in one line (with what the time budget measured), then open the tracker."""
+    t = run.cfg.train
+    fitted = (f" (time budget {t.time_budget}: {measured.step_s * 1000:.1f} ms/step, {measured.eval_s:.1f} s per "
+              f"evaluation, {measured.elapsed_s:.1f} s to start)") if measured else ""
+    run.say(f"minigpt: {t.max_iters} steps{fitted}, {run.model.num_params() / 1e6:.2f}M parameters, "
+            f"{run.tokens_per_step} tokens/step, device {run.device}, dtype {run.precision.name}, "
+            f"{'fused' if run.fused_attention else 'explicit'} attention, {t.optimizer}, "
+            f"{torch.get_num_threads()} threads, vocab {run.tokenizer.vocab_size}, "
+            f"{run.data_meta['train_tokens']:,} train / {run.data_meta['val_tokens']:,} val characters -> {run.run_dir}")
     if run.step >= t.max_iters:
         run.say(f"the run is already complete at step {run.step} (train.max_iters {t.max_iters}); "
                 f"to train longer: --resume --set train.max_iters=N with N > {run.step}")
-    run.tracker = Tracker(run.run_dir, run.step, t.max_iters, enabled=world.is_main,
+    run.tracker = Tracker(run.run_dir, run.step, t.max_iters, enabled=run.world.is_main,
                           progress=progress and run.step < t.max_iters)
-    return run

@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from tqdm import tqdm
 
-from minigpt import checkpoint, config as config_mod, device as device_mod
+from minigpt import budget, checkpoint, config as config_mod, device as device_mod
 from minigpt.config import Config
 from minigpt.distributed import World, current_world
 from minigpt.errors import Interrupted, TrainingError
 from minigpt.model import GPT
 from minigpt.optim import get_lr, set_lr
-from minigpt.run import Run, rank_batch, start_run
+from minigpt.run import Run, open_progress, rank_batch, start_run, write_run_dir
 from minigpt.sample import generate
 from minigpt.tracking import flat_hparams, log_inspection
 
@@ -55,7 +56,13 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
     """
     world = current_world(cfg.train.device, cfg.train.batch_size)
     try:
-        run = start_run(cfg, world, resume, overwrite, progress)
+        run = start_run(cfg, world, resume, overwrite)
+        measured = None
+        if budget.seconds(cfg.train) and not resume:
+            measured = budget.fit(run, train_step, evaluate_and_save)  # sets train.max_iters
+            if world.is_main:
+                write_run_dir(cfg)  # with the derived step count
+        open_progress(run, progress, measured)
         try:
             training_loop(run, resume_hint)
             log_hparams(run)
@@ -152,7 +159,10 @@ def log_progress(run: Run, recent: RecentSteps, lr: float) -> None:
     speed = (run.step - recent.since_step) * run.tokens_per_step / max(now - recent.since_time, 1e-9)
     run.tracker.scalars(run.step, {"train/loss": sum(losses) / len(losses), "opt/lr": lr,
                                    "opt/grad_norm": sum(norms) / len(norms), "perf/tokens_per_sec": speed})
-    run.tracker.advance(run.step, {"loss": f"{losses[-1]:.4f}", "tok/s": f"{speed:,.0f}"})
+    shown = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{speed:,.0f}"}
+    if run.budget_end is not None:
+        shown["left"] = tqdm.format_interval(max(0.0, run.budget_end - time.time()))  # of the time budget
+    run.tracker.advance(run.step, shown)
     recent.pending.clear()
     recent.since_step, recent.since_time = run.step, now
 

@@ -1,0 +1,157 @@
+"""Training to a time budget: how many steps fit in N minutes on this machine.
+
+With `train.time_budget` set, `train.max_iters` is derived instead of guessed. After the run is
+set up, a few real training steps are timed (the first ones, which include compilation and
+memory allocation, are left out of the steady-state time), then one evaluation with its text
+sample, attention image and two checkpoints, written to a scratch directory. The run is then
+rewound to step 0 from an in-memory snapshot (weights, optimizer, RNG streams), so the steps
+taken while measuring change nothing: a budgeted run equals the same config run with
+`--set train.max_iters=N`. N is the largest step count whose steps and evaluations fit in what
+is left of the budget, counted from the start of the `minigpt train` process.
+
+The derived N is written into the run's config.yaml and every checkpoint; `--resume` keeps it,
+so a stopped and resumed budgeted run is the run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from minigpt import checkpoint
+from minigpt.config import TrainConfig, duration_seconds
+from minigpt.errors import ConfigError
+from minigpt.tracking import Tracker
+
+if TYPE_CHECKING:
+    from minigpt.run import Run
+
+IMPORT_TIME = time.time()  # fallback start of the process where /proc is not available
+START_ENV = "MINIGPT_START_TIME"  # set by `minigpt train --nproc N` for its torchrun workers
+FIRST_STEPS = 3  # untimed steps: compilation, allocation, caches
+TIMING_FRACTION = 0.015  # of the budget spent timing steady-state steps (between 5 and 200 steps)
+clock = time.perf_counter  # replaceable in tests
+StepFn = Callable[["Run"], tuple]  # one optimizer step of a run: (loss, grad norm), as minigpt.train.train_step
+
+
+@dataclass
+class Costs:
+    """What the budget has to pay for, measured on this machine."""
+
+    elapsed_s: float  # from process start to the end of the measurement
+    step_s: float  # one optimizer step, steady state
+    eval_s: float  # one evaluation with its sample, attention image and checkpoints
+
+
+def seconds(t: TrainConfig) -> float:
+    """The run's time budget in seconds; 0 means none."""
+    return duration_seconds(t.time_budget)
+
+
+def margin_s(budget_s: float) -> float:
+    """Time kept back for the end of the run (final logs, closing files, interpreter exit) and noise."""
+    return 1.0 + 0.01 * budget_s
+
+
+def process_start_time() -> float:
+    """When this `minigpt train` process started (epoch seconds): the launcher's start for torchrun workers."""
+    if os.environ.get(START_ENV):
+        return float(os.environ[START_ENV])
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return IMPORT_TIME
+
+
+def evaluations(steps: int, eval_interval: int) -> int:
+    """How many evaluations a run of `steps` steps makes (every eval_interval, and at the end)."""
+    return steps // eval_interval + (1 if steps % eval_interval else 0)
+
+
+def plan_steps(budget_s: float, costs: Costs, eval_interval: int) -> int:
+    """The most steps whose training and evaluations fit in what is left of the budget."""
+    available = budget_s - costs.elapsed_s - margin_s(budget_s)
+
+    def cost(n: int) -> float:
+        return n * costs.step_s + evaluations(n, eval_interval) * costs.eval_s
+
+    if available < cost(1):
+        minimum = math.ceil(costs.elapsed_s + margin_s(budget_s) + cost(1)) + 1
+        raise ConfigError(
+            f"train.time_budget {budget_s:g}s is too short on this machine: start-up, data and warm-up took "
+            f"{costs.elapsed_s:.1f} s and one step with an evaluation takes {cost(1):.1f} s; "
+            f"give at least {minimum}s (e.g. --time {minimum}s)")
+    n = int(available // costs.step_s)
+    while cost(n) > available:  # each pass drops the evaluations' share; the count only falls
+        n = int((available - evaluations(n, eval_interval) * costs.eval_s) // costs.step_s)
+    while cost(n + 1) <= available:
+        n += 1
+    return n
+
+
+def apply(t: TrainConfig, steps: int) -> None:
+    """Set the derived step count; a warmup longer than a quarter of the run is shortened to that."""
+    t.max_iters = steps
+    t.warmup_iters = min(t.warmup_iters, steps // 4)
+
+
+def keep_resolved(t: TrainConfig, recorded: dict) -> None:
+    """On resume: the step count (and warmup) the run derived when it started, from its checkpoint's config."""
+    t.max_iters, t.warmup_iters = recorded["max_iters"], recorded["warmup_iters"]
+
+
+def measure(run: Run, take_step: StepFn, evaluate: Callable[[Run], None], budget_s: float) -> Costs:
+    """Time steady-state steps and one evaluation on `run`, then rewind it to where it was."""
+    snapshot = copy.deepcopy(checkpoint.state_of(run))
+    for _ in range(FIRST_STEPS):
+        loss, _ = take_step(run)
+    float(loss)  # waits for the device: what follows is the steady state
+    start = clock()
+    float(take_step(run)[0])
+    count = min(200, max(5, int(budget_s * TIMING_FRACTION / max(clock() - start, 1e-6))))
+    start = clock()
+    for _ in range(count):
+        loss, _ = take_step(run)
+    float(loss)
+    step_s = (clock() - start) / count
+    eval_s = _time_evaluation(run, evaluate)
+    checkpoint.restore(run, snapshot)
+    run.history.clear()
+    return Costs(elapsed_s=time.time() - process_start_time(), step_s=step_s, eval_s=eval_s)
+
+
+def _time_evaluation(run: Run, evaluate: Callable[[Run], None]) -> float:
+    """Seconds for one evaluation as the run makes it, its logs and checkpoints going to a scratch directory."""
+    out_dir, tracker = run.cfg.train.out_dir, run.tracker
+    scratch = Path(tempfile.mkdtemp(prefix=".budget-", dir=run.run_dir))
+    try:
+        run.cfg.train.out_dir, run.quiet = str(scratch), True
+        run.tracker = Tracker(scratch, 0, 1, enabled=run.world.is_main, progress=False)  # imports TensorBoard first
+        start = clock()
+        evaluate(run)
+        return clock() - start
+    finally:
+        run.tracker.close()
+        run.cfg.train.out_dir, run.tracker, run.quiet = out_dir, tracker, False
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fit(run: Run, take_step: StepFn, evaluate: Callable[[Run], None]) -> Costs:
+    """Derive train.max_iters from the time budget: rank 0 measures and decides, every process uses its number."""
+    budget_s = seconds(run.cfg.train)
+    costs = measure(run, take_step, evaluate, budget_s)
+    steps = plan_steps(budget_s, costs, run.cfg.train.eval_interval) if run.world.is_main else 0
+    apply(run.cfg.train, run.world.share(steps))
+    run.budget_end = process_start_time() + budget_s
+    return costs

@@ -1,0 +1,57 @@
+"""Optimizers and schedules: Muon's split of the parameters, warmup-stable-decay, exact resume with Muon."""
+
+import pytest
+import torch
+
+from minigpt import checkpoint
+from minigpt.config import ModelConfig, TrainConfig
+from minigpt.errors import CheckpointError
+from minigpt.model import GPT
+from minigpt.optim import Optimizers, get_lr, make_optimizer
+from minigpt.train import train
+
+from conftest import tiny_config
+
+FAST = ["train.warmup_iters=2", "train.log_interval=1", "train.sample_chars=0", "train.eval_iters=2", "model.dropout=0.1"]
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_everything_else():
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8), vocab_size=11)
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(opt, Optimizers)
+    muon, adamw = opt.optimizers
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not in_muon & in_adamw and in_muon | in_adamw == {id(p) for p in model.parameters()}
+    assert sorted(names[i].split(".")[-2] for i in in_muon) == sorted(["c_attn", "c_fc", "c_proj", "c_proj"] * 2)
+    assert id(model.lm_head.weight) in in_adamw and id(model.transformer.wpe.weight) in in_adamw  # embeddings: AdamW
+
+
+def test_warmup_stable_decay_holds_the_peak_then_falls_linearly_to_min_lr():
+    t = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_schedule="wsd", decay_fraction=0.2)
+    lrs = [get_lr(s, t) for s in range(110)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup as with the cosine
+    assert set(lrs[10:80]) == {1e-3}  # stable
+    steps = [b - a for a, b in zip(lrs[80:100], lrs[81:101])]
+    assert all(d == pytest.approx(steps[0]) for d in steps) and steps[0] < 0  # a straight line down ...
+    assert lrs[90] == pytest.approx(5.5e-4) and lrs[100] == lrs[109] == pytest.approx(1e-4)  # ... to min_lr
+
+
+def test_resume_with_muon_is_bit_exact(tmp_path, corpus):
+    sets = ["train.optimizer=muon", "train.eval_interval=4", "train.lr_decay_iters=12", *FAST]
+    straight = train(tiny_config(tmp_path / "s", corpus, "train.max_iters=12", *sets), progress=False)
+    train(tiny_config(tmp_path / "r", corpus, "train.max_iters=8", *sets), progress=False)
+    resumed = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=12", *sets), resume=True, progress=False)
+    a, b = (checkpoint.load(r.run_dir, prefer=checkpoint.LAST) for r in (straight, resumed))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    muon_a, muon_b = (p["optimizer"]["optimizers"][0]["state"] for p in (a, b))
+    assert muon_a.keys() == muon_b.keys() and muon_a
+    assert all(torch.equal(muon_a[i]["momentum_buffer"], muon_b[i]["momentum_buffer"]) for i in muon_a)
+    assert resumed.history[-1]["val_loss"] == straight.history[-1]["val_loss"]
+
+
+def test_resume_refuses_a_different_optimizer(tmp_path, corpus):
+    train(tiny_config(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", *FAST), progress=False)
+    with pytest.raises(CheckpointError, match="trained with train.optimizer adamw, the config says muon"):
+        train(tiny_config(tmp_path, corpus, "train.max_iters=8", "train.optimizer=muon", *FAST), resume=True, progress=False)

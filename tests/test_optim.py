@@ -7,7 +7,7 @@ from minigpt import checkpoint
 from minigpt.config import ModelConfig, TrainConfig
 from minigpt.errors import CheckpointError
 from minigpt.model import GPT
-from minigpt.optim import Optimizers, get_lr, make_optimizer
+from minigpt.optim import Muon, Optimizers, get_lr, make_optimizer, orthogonalize
 from minigpt.train import train
 
 from conftest import tiny_config
@@ -55,3 +55,31 @@ def test_resume_refuses_a_different_optimizer(tmp_path, corpus):
     train(tiny_config(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=4", *FAST), progress=False)
     with pytest.raises(CheckpointError, match="trained with train.optimizer adamw, the config says muon"):
         train(tiny_config(tmp_path, corpus, "train.max_iters=8", "train.optimizer=muon", *FAST), resume=True, progress=False)
+
+
+def test_orthogonalize_keeps_the_singular_vectors_and_brings_singular_values_near_one():
+    g = torch.randn(384, 128, generator=torch.Generator().manual_seed(0))  # a gradient-like matrix
+    out = orthogonalize(g)
+    u, _, vt = torch.linalg.svd(g, full_matrices=False)
+    s = torch.linalg.svdvals(out)
+    assert out.shape == g.shape and s.min() > 0.5 and s.max() < 1.3  # the quintic's band around 1
+    assert torch.linalg.norm(out - u @ vt) / torch.linalg.norm(u @ vt) < 0.3  # same directions
+    assert torch.linalg.norm(orthogonalize(g.T) - out.T) < 1e-4  # tall and wide are the same iteration
+
+
+def test_muon_steps_like_torch_muon():
+    """Our Muon (bf16 iteration) against torch.optim.Muon with adjust_lr_fn='match_rms_adamw', over three steps."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(48, 16, generator=gen), torch.randn(16, 64, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(3)]
+    ours, theirs = ([p.clone().requires_grad_() for p in start] for _ in range(2))
+    opts = [Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16),
+            torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
+    for step_grads in grads:
+        for params, opt in zip((ours, theirs), opts):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, s in zip(ours, theirs, start):
+        moved = torch.linalg.norm(b.detach() - s)
+        assert moved > 0.1 and torch.linalg.norm(a.detach() - b.detach()) < 0.05 * moved  # bf16 rounding apart

@@ -184,7 +184,7 @@ def init_from(run: Run, payload: dict) -> None:
     old_chars = payload["tokenizer"]["chars"]
     assert run.tokenizer.chars[:len(old_chars)] == old_chars, "corpus not prepared on the checkpoint's vocabulary"
     diffs = config_differences(payload["config"], config_mod.to_dict(run.cfg))
-    shape = [f"{k} {a} -> {b}" for k, (a, b) in diffs.items() if k in SHAPE_KEYS]
+    shape = [f"{k} {a} -> {b}" for k, (a, b) in sorted(diffs.items()) if k in SHAPE_KEYS]
     theirs, mine = payload["model"], run.model.state_dict()
     weights = sorted(k for k in set(theirs) | set(mine) if k not in VOCAB_KEYS and
                      (k not in theirs or k not in mine or theirs[k].shape != mine[k].shape))

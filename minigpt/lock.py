@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from minigpt.errors import DirectoryInUse
+from minigpt.errors import CheckpointError, DirectoryInUse
 
 LOCK_NAME = ".lock"
 
@@ -53,10 +53,14 @@ class DirectoryLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.created_directory = not self.directory.exists()
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
         while self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise CheckpointError(f"cannot write to {self.directory}: {exc.strerror or exc}; choose a writable "
+                                      "directory (--out-dir for a run, data.prepared_dir for prepared data)") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:

@@ -195,7 +195,7 @@ def init_from(run: Run, payload: dict) -> None:
     with torch.no_grad():
         for key, value in theirs.items():
             if key in VOCAB_KEYS:
-                mine[key][:len(old_chars)] = value  # old ids keep their rows; new rows as initialised
+                mine[key][:len(old_chars)].copy_(value)  # old ids keep their rows; new rows as initialised
             else:
                 mine[key].copy_(value)
     run.init_from = {"checkpoint": payload["path"], "step": payload["step"], "best_val_loss": payload.get("best_val_loss"),

@@ -3,7 +3,8 @@
 One file holds everything sampling and resuming need: a format marker and version, the plain
 module's weights (never a compiled or DDP-wrapped module's prefixed keys), the optimizer, the
 step, every RNG state that feeds batches and dropout, the resolved config, the tokenizer's
-vocabulary, the best validation loss and where the data came from. Only plain types and
+vocabulary, the best validation loss, where the data came from and, for a fine-tuned run,
+where its first weights came from (`init_from`). Only plain types and
 tensors are stored, so `torch.load(weights_only=True)` reads it.
 
 `state_of` lists what a checkpoint holds about a training run and `restore` puts it back: the
@@ -58,6 +59,7 @@ def state_of(run: Run) -> dict[str, Any]:
                 "cuda": torch.cuda.get_rng_state(run.device) if cuda else None},
         "data": {"sources": meta["sources"], "sha256": meta["source_sha256"],
                  "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]},
+        "init_from": run.init_from,  # fine-tuning: the checkpoint (and step) the first weights came from
     }
 
 
@@ -72,6 +74,14 @@ def restore(run: Run, payload: dict[str, Any]) -> None:
     if run.device.type == "cuda" and payload["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(payload["rng"]["cuda"], run.device)
     run.step, run.best_val_loss = payload["step"], payload["best_val_loss"]
+    run.init_from = payload.get("init_from")
+
+
+def base_vocabulary(payload: dict[str, Any] | None) -> list[str] | None:
+    """The vocabulary a fine-tuned run's corpus was prepared on (its origin's), or None for a run from scratch."""
+    if not payload or not payload.get("init_from"):
+        return None
+    return payload["tokenizer"]["chars"][:payload["init_from"]["vocab_size"]]  # the origin's ids come first
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:

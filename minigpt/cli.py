@@ -84,7 +84,7 @@ def _device(name: str):
 
 
 def _train_args(config: Path, out_dir: Optional[Path], device: Optional[str], set_: Optional[List[str]],
-                resume: bool, resume_from: Optional[Path], overwrite: bool) -> list[str]:
+                resume: bool, resume_from: Optional[Path], overwrite: bool, init_from: Optional[Path] = None) -> list[str]:
     """The `minigpt` arguments that repeat this train command (without --nproc) in each torchrun process."""
     args = (["--debug"] if _state["debug"] else []) + ["train", "--config", str(config)]
     args += ["--out-dir", str(out_dir)] if out_dir else []
@@ -94,6 +94,7 @@ def _train_args(config: Path, out_dir: Optional[Path], device: Optional[str], se
     args += ["--resume"] if resume else []
     args += ["--resume-from", str(resume_from)] if resume_from else []
     args += ["--overwrite"] if overwrite else []
+    args += ["--init-from", str(init_from)] if init_from else []
     return args
 
 
@@ -111,6 +112,8 @@ def train(
     time_budget: Optional[str] = typer.Option(
         None, "--time", help="Train for this long, start-up included (90s, 5m, 1h): sets train.time_budget, "
                              "and the step count is derived from it."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Fine-tune: start a new run from this run's "
+                                             "(or checkpoint's) weights; the vocabulary gains the corpus's new characters."),
 ) -> None:
     """Train a model from a YAML config (prepares the data first if needed)."""
     from minigpt.distributed import check_launch, launch
@@ -121,9 +124,10 @@ def train(
     cfg = _load_config(config, set_, device, out_dir)
     check_launch(nproc, cfg.train.device, cfg.train.batch_size)
     if nproc > 1:
-        raise typer.Exit(launch(nproc, _train_args(config, out_dir, device, set_, resume, resume_from, overwrite)))
+        raise typer.Exit(launch(nproc, _train_args(config, out_dir, device, set_, resume, resume_from, overwrite, init_from)))
     hint = shlex.join(["minigpt"] + _train_args(config, out_dir, device, set_, True, None, False))
-    run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, resume_hint=hint)
+    run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, resume_hint=hint,
+                 init_from=str(init_from) if init_from else None)
 
 
 @app.command()
@@ -166,17 +170,13 @@ def prepare(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the prepared data is up to date."),
 ) -> None:
     """Encode the config's corpus into token arrays (train runs this automatically)."""
-    from tqdm import tqdm
-
     from minigpt.data import prepare as run_prepare
+    from minigpt.tracking import byte_progress
 
     cfg = _load_config(config, set_)
-    with tqdm(total=0, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, leave=False, delay=0.5) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        prepared = run_prepare(cfg.data, cfg.model.block_size, progress=progress, force=force)
+    with byte_progress("prepare (2 passes)") as progress:  # a bar on a terminal, plain lines in a log
+        # wait=False: another process writing this prepared-data directory is a refusal (exit 4), not a wait
+        prepared = run_prepare(cfg.data, cfg.model.block_size, progress=progress, force=force, wait=False)
     meta = prepared.meta
     typer.echo(f"prepared {', '.join(meta['sources'])}: vocabulary {meta['vocab_size']} characters, "
                f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens ({meta['dtype']}) in {prepared.directory}",

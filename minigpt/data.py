@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported where batches are made: `minigpt prepare`
 
 from minigpt.config import DataConfig
 from minigpt.errors import DataError
+from minigpt.lock import DirectoryLock
 from minigpt.tokenizer import CharTokenizer, codepoints_of, smallest_dtype
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -152,42 +153,63 @@ class Prepared:
         return np.memmap(self.directory / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
 
 
-def _fingerprint(files: list[Path], data: DataConfig) -> dict:
+def _fingerprint(files: list[Path], data: DataConfig, base_vocab: list[str] | None = None) -> dict:
     return {
         "version": META_VERSION,
         "sources": [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files],
         "val_fraction": data.val_fraction,
         "encoding": data.encoding,
         "errors": data.errors,
+        **({"base_vocab": list(base_vocab)} if base_vocab is not None else {}),
     }
 
 
-def prepared_dir_for(files: list[Path], data: DataConfig) -> Path:
-    """Where a corpus's prepared arrays live: a name from the first file plus a hash of all paths."""
-    key = hashlib.sha256("\n".join(str(f.resolve()) for f in files).encode()).hexdigest()[:10]
+def prepared_dir_for(files: list[Path], data: DataConfig, base_vocab: list[str] | None = None) -> Path:
+    """Where a corpus's prepared arrays live: a name from the first file plus a hash of all paths (and base vocabulary)."""
+    key_text = "\n".join(str(f.resolve()) for f in files) + ("\0" + "".join(base_vocab) if base_vocab is not None else "")
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:10]
     return Path(data.prepared_dir) / f"{files[0].stem}-{key}"
 
 
+def _reuse(out: Path, fingerprint: dict) -> Prepared | None:
+    """The prepared data in `out` if it was made from exactly these sources and settings, else None."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        complete = all((out / f"{s}.bin").stat().st_size == meta[f"{s}_tokens"] * itemsize for s in ("train", "val"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if meta.get("fingerprint") != fingerprint or not complete:
+        return None
+    return Prepared(out, CharTokenizer.from_dict(meta["tokenizer"]), meta)
+
+
 def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], None] | None = None,
-            force: bool = False) -> Prepared:
+            force: bool = False, base_vocab: list[str] | None = None, wait: bool = True) -> Prepared:
     """Encode the corpus into train/val token arrays, or reuse them if the sources are unchanged.
 
     `progress(done_bytes, total_bytes)` is called as the two passes advance (each pass counts half).
+    `base_vocab` (fine-tuning) keeps those characters' ids and appends the corpus's new characters.
+    Writing holds the prepared directory's lock: another writer there makes this call wait
+    (`wait=True`) or refuse at once with DirectoryInUse. Files are written under temporary names
+    and renamed, `meta.json` last, so a reader never sees a torn mixture.
     """
     files = resolve_sources(data)
-    out = prepared_dir_for(files, data)
-    fingerprint = _fingerprint(files, data)
-    meta_path = out / "meta.json"
-    if not force and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = {}
-        if meta.get("fingerprint") == fingerprint and (out / "train.bin").is_file() and (out / "val.bin").is_file():
-            prepared = Prepared(out, CharTokenizer.from_dict(meta["tokenizer"]), meta)
-            check_lengths(prepared, block_size)
-            return prepared
+    out = prepared_dir_for(files, data, base_vocab)
+    fingerprint = _fingerprint(files, data, base_vocab)
+    prepared = None if force else _reuse(out, fingerprint)
+    if prepared is None:
+        with DirectoryLock(out, "prepare of this corpus", wait=wait):
+            prepared = None if force else _reuse(out, fingerprint)  # a writer we waited for may have made it
+            if prepared is None:
+                prepared = _write(files, out, fingerprint, data, base_vocab, progress)
+    check_lengths(prepared, block_size)
+    return prepared
 
+
+def _write(files: list[Path], out: Path, fingerprint: dict, data: DataConfig, base_vocab: list[str] | None,
+           progress: Callable[[int, int], None] | None) -> Prepared:
+    """The two streaming passes of `prepare`, writing into `out` (whose lock the caller holds)."""
     total = sum(f.stat().st_size for f in files)
     done = 0
 
@@ -207,15 +229,17 @@ def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], No
     n_chars = int(counts.sum())
     if n_chars == 0:
         raise DataError(f"corpus {files[0]} holds no characters after decoding; point data.path at a text file")
-    tokenizer = CharTokenizer(chr(cp) for cp in np.flatnonzero(counts))
+    chars = (chr(cp) for cp in np.flatnonzero(counts))
+    tokenizer = CharTokenizer(chars) if base_vocab is None else CharTokenizer.extended(base_vocab, chars)
     dtype = smallest_dtype(tokenizer.vocab_size)
     n_val = max(1, int(round(n_chars * data.val_fraction)))
     n_train = n_chars - n_val
 
     # Pass 2: encode and append to the two flat token files (under temporary names, then renamed).
     # Plain sequential writes, not a writable memmap: written pages then stay in the page cache
-    # instead of counting toward this process's resident memory.
-    out.mkdir(parents=True, exist_ok=True)
+    # instead of counting toward this process's resident memory. The old meta.json goes first,
+    # so that until the new one is in place no reader pairs it with the new arrays.
+    (out / "meta.json").unlink(missing_ok=True)
     position = 0
     with open(out / "train.bin.tmp", "wb") as train_file, open(out / "val.bin.tmp", "wb") as val_file:
         for _, _, text in _decoded_chunks(files, data, advance):
@@ -240,10 +264,8 @@ def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], No
     }
     tmp_meta = out / "meta.json.tmp"
     tmp_meta.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-    os.replace(tmp_meta, meta_path)
-    prepared = Prepared(out, tokenizer, meta)
-    check_lengths(prepared, block_size)
-    return prepared
+    os.replace(tmp_meta, out / "meta.json")
+    return Prepared(out, tokenizer, meta)
 
 
 def corpus_name(sources: list[str]) -> str:

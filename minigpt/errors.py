@@ -33,6 +33,10 @@ class CheckpointError(MiniGPTError):
     exit_code = 4
 
 
+class DirectoryInUse(CheckpointError):
+    """A run directory (or prepared-data directory) is locked by another process writing there."""
+
+
 class DeviceError(MiniGPTError):
     """The requested device (or launch layout) is not available on this machine."""
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from minigpt import data
+from minigpt import checkpoint, data
 from minigpt.errors import DataError, PromptError
 from minigpt.model import GPT
 from minigpt.sample import LoadedModel
@@ -157,7 +157,8 @@ def split_ids(loaded: LoadedModel, split: str) -> torch.Tensor:
     """The prepared token array of the data the checkpoint was trained on ('train' or 'val')."""
     if split not in ("train", "val"):
         raise DataError(f"--split must be train or val, got {split!r}")
-    prepared = data.prepare(loaded.config.data, loaded.config.model.block_size)
+    prepared = data.prepare(loaded.config.data, loaded.config.model.block_size,
+                            base_vocab=checkpoint.base_vocabulary(loaded.payload))  # a fine-tuned run's ids
     trained_on = loaded.payload.get("data") or {}
     if trained_on.get("sha256") and trained_on["sha256"] != prepared.meta["source_sha256"]:
         raise DataError(f"the corpus {', '.join(prepared.meta['sources'])} has changed since the checkpoint was "
@@ -248,5 +249,6 @@ def describe(loaded: LoadedModel) -> dict:
         "vocab_size": loaded.tokenizer.vocab_size,
         "vocabulary": "".join(loaded.tokenizer.chars),
         "data": p.get("data") or {},
+        **({"init_from": p["init_from"]} if p.get("init_from") else {}),  # a fine-tuned run's origin
         "config": config_mod.to_dict(loaded.config),
     }

@@ -3,9 +3,10 @@
 A `Run` is everything the training loop carries from one step to the next: the model and the
 module that runs its forward pass (compiled and/or wrapped in DDP), the optimizer, the loss
 scaler, the step, the best validation loss, the generator that draws training batches, the
-TensorBoard tracker and the process group (`World`). `start_run` makes one, fresh or resumed
-from a checkpoint, in the order every small GPT trainer sets up: prepare the data, build the
-model and optimizer, restore, write the run directory, compile. `checkpoint.state_of` and
+TensorBoard tracker and the process group (`World`). `start_run` makes one, fresh, resumed
+from a checkpoint or initialised from another run's weights (fine-tuning), in the order every
+small GPT trainer sets up: lock the run directory, prepare the data, build the model and
+optimizer, restore, write the run directory, compile. `checkpoint.state_of` and
 `checkpoint.restore` write and read a run's state in one place, so the contents of a checkpoint
 are listed once.
 """
@@ -13,6 +14,7 @@ are listed once.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,13 +25,15 @@ import torch
 from minigpt import budget, checkpoint, config as config_mod, data, device as device_mod
 from minigpt.config import Config
 from minigpt.distributed import World, per_rank_batch
-from minigpt.errors import CheckpointError
+from minigpt.errors import CheckpointError, ConfigError
+from minigpt.lock import DirectoryLock
 from minigpt.model import GPT
 from minigpt.optim import make_optimizer
 from minigpt.tokenizer import CharTokenizer
 from minigpt.tracking import Tracker, log
 
 SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias")
+VOCAB_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one row per vocabulary entry (tied)
 
 
 def rank_batch(tokens: np.ndarray, cfg: Config, generator: torch.Generator, world: World,
@@ -67,6 +71,8 @@ class Run:
     budget_end: float | None = None  # when the time budget runs out (epoch seconds), for a budgeted fresh run
     quiet: bool = False  # no progress lines (while the time budget measures an evaluation)
     history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
+    init_from: dict | None = None  # where a fine-tuned run's first weights came from (kept in its checkpoints)
+    lock: DirectoryLock | None = None  # rank 0's exclusive lock on the run directory, held until close()
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +95,13 @@ class Run:
         """A line of progress on stderr, from rank 0 only."""
         if self.world.is_main and not self.quiet:
             log(message)
+
+    def close(self) -> None:
+        """End the progress display and TensorBoard writer, and release the run directory's lock."""
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def save(self, name: str) -> None:
         """Write the run's state to `name` (last.pt or best.pt) in its run directory; rank 0 only."""
@@ -151,18 +164,53 @@ def check_resume(payload: dict, cfg: Config, tokenizer: CharTokenizer, say: Call
         say("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in harmless.items()))
 
 
-def resume_run(run: Run, resume: str | bool) -> None:
-    """Continue `run` from its run directory's last.pt (resume=True) or from the checkpoint file `resume`."""
-    last_path = run.run_dir / checkpoint.LAST
+def resume_payload(cfg: Config, resume: str | bool) -> dict:
+    """The checkpoint a resumed run continues: its run directory's last.pt (resume=True) or the file `resume`."""
+    last_path = cfg.run_dir() / checkpoint.LAST
     if resume is True and not last_path.exists():
-        raise CheckpointError(f"nothing to resume: run directory {run.run_dir} holds no {checkpoint.LAST}; "
+        raise CheckpointError(f"nothing to resume: run directory {cfg.run_dir()} holds no {checkpoint.LAST}; "
                               "train without --resume, or point --out-dir at an existing run")
-    payload = checkpoint.load(last_path if resume is True else resume, prefer=checkpoint.LAST)
+    return checkpoint.load(last_path if resume is True else resume, prefer=checkpoint.LAST)
+
+
+def resume_run(run: Run, payload: dict) -> None:
+    """Continue `run` from a checkpoint of it (`resume_payload`): weights, optimizer, step, RNG streams."""
     if budget.seconds(run.cfg.train):  # a budgeted run continues with the steps it derived, not new ones
         budget.keep_resolved(run.cfg.train, payload["config"]["train"])
     check_resume(payload, run.cfg, run.tokenizer, run.say)
     checkpoint.restore(run, payload)
     run.say(f"resuming {payload['path']} at step {run.step} (best val loss {run.best_val_loss:.4f})")
+
+
+def init_from(run: Run, payload: dict) -> None:
+    """Start `run` at step 0 from another run's weights (fine-tuning): its vocabulary's rows are copied,
+    rows of characters new to this corpus keep their fresh initialisation; optimizer and schedule stay fresh.
+
+    The corpus must have been prepared on the checkpoint's vocabulary (`data.prepare(base_vocab=...)`),
+    so that every old character keeps its id and the new ones follow.
+    """
+    old_chars = payload["tokenizer"]["chars"]
+    assert run.tokenizer.chars[:len(old_chars)] == old_chars, "corpus not prepared on the checkpoint's vocabulary"
+    diffs = config_differences(payload["config"], config_mod.to_dict(run.cfg))
+    shape = [f"{k} {a} -> {b}" for k, (a, b) in sorted(diffs.items()) if k in SHAPE_KEYS]
+    theirs, mine = payload["model"], run.model.state_dict()
+    weights = sorted(k for k in set(theirs) | set(mine) if k not in VOCAB_KEYS and
+                     (k not in theirs or k not in mine or theirs[k].shape != mine[k].shape))
+    if shape or weights:
+        differing = ", ".join(shape) if shape else "weights " + ", ".join(weights[:6]) + (" ..." if len(weights) > 6 else "")
+        raise CheckpointError(f"cannot initialise from {payload['path']}: the model shape differs ({differing}); "
+                              "set the config's model section to the checkpoint's values")
+    with torch.no_grad():
+        for key, value in theirs.items():
+            if key in VOCAB_KEYS:
+                mine[key][:len(old_chars)].copy_(value)  # old ids keep their rows; new rows as initialised
+            else:
+                mine[key].copy_(value)
+    run.init_from = {"checkpoint": payload["path"], "step": payload["step"], "best_val_loss": payload.get("best_val_loss"),
+                     "vocab_size": len(old_chars)}
+    added = run.tokenizer.chars[len(old_chars):]
+    run.say(f"initialised from {payload['path']} (step {payload['step']}); vocabulary {len(old_chars)} + "
+            f"{len(added)} new character(s){': ' + repr(''.join(added)) if added else ''}")
 
 
 def refuse_to_overwrite(cfg: Config) -> None:
@@ -183,15 +231,45 @@ def write_run_dir(cfg: Config) -> None:
                               "choose a writable --out-dir") from exc
 
 
-def start_run(cfg: Config, world: World, resume: str | bool = False, overwrite: bool = False) -> Run:
-    """Everything before the first step: data, model and optimizer, resume, run directory, compile."""
+def lock_run_dir(cfg: Config) -> DirectoryLock:
+    """Take the run directory's lock (one writer per run directory); note a predecessor that was killed holding it."""
+    lock = DirectoryLock(cfg.run_dir(), "training run", advice="wait for it to finish or stop it, or pass another --out-dir")
+    if lock.stale_holder:
+        log(f"note: the lock of {cfg.run_dir()} was left by {lock.stale_holder}, which ended without releasing it "
+            "(killed?); taking it over")
+    return lock
+
+
+def start_run(cfg: Config, world: World, resume: str | bool = False, overwrite: bool = False,
+              init_from_path: str | None = None) -> Run:
+    """Everything before the first step: lock, data, model and optimizer, resume or initialise, run dir, compile."""
+    if resume and init_from_path:
+        raise ConfigError(f"--init-from starts a new run from {init_from_path}'s weights and --resume continues a run; "
+                          "pass one of them (a fine-tuned run is resumed with --resume alone)")
+    with ExitStack() as on_failure:  # a start that fails releases the lock (and a run directory it left empty)
+        lock = lock_run_dir(cfg) if world.is_main else None  # before anything is written
+        if lock is not None:
+            on_failure.callback(lock.release, remove_directory_if_empty=True)
+        run = start_locked_run(cfg, world, resume, overwrite, init_from_path)
+        run.lock = lock
+        on_failure.pop_all()
+    return run
+
+
+def start_locked_run(cfg: Config, world: World, resume: str | bool, overwrite: bool, init_from_path: str | None) -> Run:
+    """`start_run` once rank 0 holds the run directory's lock."""
     device_mod.set_threads(cfg.train.threads)
     if not resume and not overwrite:
         refuse_to_overwrite(cfg)
-    prepared = world.in_turn(lambda: data.prepare(cfg.data, cfg.model.block_size))  # written once, then read
+    origin = checkpoint.load(init_from_path) if init_from_path else None  # a run directory means its best.pt
+    resumed = resume_payload(cfg, resume) if resume else None
+    base_vocab = origin["tokenizer"]["chars"] if origin else checkpoint.base_vocabulary(resumed)
+    prepared = world.in_turn(lambda: data.prepare(cfg.data, cfg.model.block_size, base_vocab=base_vocab))  # written once, then read
     run = build_run(cfg, world, prepared)
-    if resume:
-        resume_run(run, resume)
+    if resumed:
+        resume_run(run, resumed)
+    elif origin:
+        init_from(run, origin)
     if world.is_main:
         write_run_dir(cfg)
     compile_and_wrap(run)

@@ -1,8 +1,10 @@
 """The character tokenizer: every distinct character of the corpus is one token.
 
 The vocabulary is the sorted list of the corpus's characters (any Unicode, so it may hold more
-than 256 of them); a character's id is its index in that list. It is stored as plain data (a
-list of strings) beside the prepared data and inside every checkpoint, never as a pickle.
+than 256 of them); a character's id is its index in that list. A fine-tuned model's vocabulary
+is its base model's list with the new corpus's new characters appended (`extended`), so every
+old character keeps its id. It is stored as plain data (a list of strings) beside the prepared
+data and inside every checkpoint, never as a pickle.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ UnknownPolicy = Literal["error", "skip", "replace"]
 class CharTokenizer:
     """Maps characters to integer ids and back."""
 
-    def __init__(self, chars: Iterable[str]):
-        self.chars: list[str] = sorted(set(chars))
+    def __init__(self, chars: Iterable[str], keep_order: bool = False):
+        """The vocabulary of `chars`: sorted, or in the given order (ids = positions) with keep_order."""
+        chars = list(chars)
+        self.chars: list[str] = chars if keep_order else sorted(set(chars))
         if any(len(c) != 1 for c in self.chars):
             raise ValueError("every vocabulary entry must be exactly one character")
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("a vocabulary lists each character once")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         # A code point -> id lookup table lets numpy encode millions of characters at once.
         codepoints = np.array([ord(c) for c in self.chars], dtype=np.int64)
@@ -68,8 +74,14 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CharTokenizer":
-        """Rebuild from `to_dict` output."""
-        return cls(data["chars"])
+        """Rebuild from `to_dict` output (the stored order is the ids' order)."""
+        return cls(data["chars"], keep_order=True)
+
+    @classmethod
+    def extended(cls, base: Iterable[str], chars: Iterable[str]) -> "CharTokenizer":
+        """`base` in its order (old ids kept), then the characters of `chars` it lacks, sorted."""
+        base = list(base)
+        return cls(base + sorted(set(chars) - set(base)), keep_order=True)
 
 
 def codepoints_of(text: str) -> np.ndarray:

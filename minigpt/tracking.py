@@ -7,13 +7,19 @@ metrics (`hparams/best_val_loss`, `hparams/best_val_bpc`) at the end. Every run 
 with `purge_step` = its first step, so points an earlier process logged from there on (after
 the checkpoint a run resumes from, or before a killed run's first checkpoint) are hidden and the
 curves continue without overlaps. stdout is never used here: it carries results.
+
+Console progress is a redrawn tqdm bar when stderr is a terminal. When it is not (a log file,
+nohup, systemd, CI) it is `PlainProgress`: a plain line about every 10% of the work or every
+30 seconds, whichever comes first, with no carriage returns, so the log reads top to bottom.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 
 from tqdm import tqdm
 
@@ -27,14 +33,97 @@ def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def stderr_is_terminal() -> bool:
+    """Whether stderr is an interactive terminal (where a redrawn progress bar belongs)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def duration(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """Progress as plain lines, about every 10% of `total` or every `every_s` seconds: no carriage returns.
+
+    Each line reads `LABEL N/M (P%), <extra values>, elapsed H:MM:SS, ETA H:MM:SS`, the rate
+    measured over this process's own progress. `clock` is injectable so tests need not wait.
+    """
+
+    def __init__(self, total: int, initial: int = 0, label: str = "step", amount: Callable[[int], str] = str,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic, every_s: float = 30.0):
+        self.total, self.initial, self.label, self.amount = total, initial, label, amount
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock, self.every_s = clock, every_s
+        self.started = self.last_time = clock()
+        self.last_n = initial
+        self.extra: dict[str, str] = {}
+
+    def _decile(self, n: int) -> int:
+        return 10 * n // self.total if self.total > 0 else 0
+
+    def update(self, n: int, extra: dict[str, str] | None = None) -> None:
+        """Record progress `n` (and the latest extra values); write a line when one is due."""
+        self.extra.update(extra or {})
+        now = self.clock()
+        finished = self.total > 0 and n >= self.total > self.last_n
+        if finished or self._decile(n) > self._decile(self.last_n) or (n > self.last_n and now - self.last_time >= self.every_s):
+            self.write(n, now)
+
+    def write(self, n: int, now: float) -> None:
+        """Write one progress line for `n` at time `now`."""
+        elapsed = now - self.started
+        rate = (n - self.initial) / elapsed if elapsed > 0 else 0.0
+        eta = duration((self.total - n) / rate) if rate > 0 else "?"
+        percent = f" ({100 * n // self.total}%)" if self.total > 0 else ""
+        parts = [f"{self.label} {self.amount(n)}/{self.amount(self.total)}{percent}"]
+        parts += [f"{key} {value}" for key, value in self.extra.items()]
+        parts += [f"elapsed {duration(elapsed)}", f"ETA {eta}"]
+        self.stream.write(", ".join(parts) + "\n")
+        self.stream.flush()
+        self.last_n, self.last_time = n, now
+
+
+@contextmanager
+def byte_progress(label: str, plain: bool | None = None, clock: Callable[[], float] = time.monotonic
+                  ) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done_bytes, total_bytes)` callback: a tqdm bar on a terminal, plain lines otherwise."""
+    if plain is None:
+        plain = not stderr_is_terminal()
+    if plain:
+        lines = PlainProgress(0, label=label, amount=lambda n: f"{n / 1e6:.1f} MB", clock=clock)
+
+        def plain_update(done: int, total: int) -> None:
+            lines.total = total
+            lines.update(done)
+
+        yield plain_update
+        return
+    with tqdm(total=0, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False, delay=0.5) as bar:
+        def bar_update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield bar_update
+
+
 class Tracker:
-    """TensorBoard writer plus a tqdm progress bar; a disabled tracker (non-main ranks) does nothing."""
+    """TensorBoard writer plus console progress; a disabled tracker (non-main ranks) does nothing.
+
+    The progress is a tqdm bar on a terminal and `PlainProgress` lines otherwise (`plain=None`
+    decides by whether stderr is a terminal).
+    """
 
     def __init__(self, run_dir: Path, start_step: int, total_steps: int, enabled: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, plain: bool | None = None, clock: Callable[[], float] = time.monotonic):
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.lines: PlainProgress | None = None
         self._said_no_matplotlib = False
         if not enabled:
             return
@@ -44,6 +133,11 @@ class Tracker:
         # steps beyond its checkpoint, or (start_step 0) a run that was killed before its first
         # checkpoint or is being overwritten.
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1)
+        if plain is None:
+            plain = not stderr_is_terminal()
+        if progress and plain:
+            self.lines = PlainProgress(total_steps, initial=start_step, clock=clock)
+            return
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         file=sys.stderr, dynamic_ncols=True, disable=not progress, mininterval=0.5)
 
@@ -97,6 +191,8 @@ class Tracker:
 
     def advance(self, step: int, postfix: dict[str, str] | None = None) -> None:
         """Move the progress bar to `step`, optionally updating its loss and speed display."""
+        if self.lines is not None and (postfix or step >= self.lines.total):  # a line is due at a step with fresh values
+            self.lines.update(step, postfix)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if postfix:

@@ -48,30 +48,31 @@ class TrainResult:
 
 
 def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, progress: bool = True,
-          resume_hint: str = "minigpt train --config CONFIG --resume") -> TrainResult:
+          resume_hint: str = "minigpt train --config CONFIG --resume", init_from: str | None = None) -> TrainResult:
     """Train the model described by `cfg`; write config, checkpoints and TensorBoard events to its run dir.
 
-    `resume_hint` is the command shown to the user after an interrupt. Launched by torchrun, this
+    `resume_hint` is the command shown to the user after an interrupt; `init_from` (a checkpoint
+    or run directory) starts from that model's weights instead of random ones. Launched by torchrun, this
     process trains its share of every batch and leaves the process group at the end.
     """
     world = current_world(cfg.train.device, cfg.train.batch_size)
     try:
-        run = start_run(cfg, world, resume, overwrite)
-        measured = None
-        if budget.seconds(cfg.train) and not resume:
-            measured = budget.fit(run, train_step, evaluate_and_save)  # sets train.max_iters
-            if world.is_main:
-                write_run_dir(cfg)  # with the derived step count
-        open_progress(run, progress, measured)
+        run = start_run(cfg, world, resume, overwrite, init_from)
         try:
+            measured = None
+            if budget.seconds(cfg.train) and not resume:
+                measured = budget.fit(run, train_step, evaluate_and_save)  # sets train.max_iters
+                if world.is_main:
+                    write_run_dir(cfg)  # with the derived step count
+            open_progress(run, progress, measured)
             training_loop(run, resume_hint)
             log_hparams(run)
         finally:
-            run.tracker.close()
+            run.close()  # the progress display, TensorBoard, and the run directory's lock
         run.say(f"done: step {run.step}, best val loss {run.best_val_loss:.4f} "
                 f"({run.best_val_loss / math.log(2):.4f} bits/char); checkpoints in {run.run_dir}\n"
                 f"  sample:      minigpt sample --checkpoint {run.run_dir} --prompt \"ROMEO:\"\n"
-                f"  tensorboard: tensorboard --logdir {run.run_dir.parent}")
+                f"  tensorboard: tensorboard --logdir {run.run_dir}")
         return TrainResult(run_dir=run.run_dir, step=run.step, best_val_loss=run.best_val_loss, history=run.history)
     finally:
         world.shutdown()

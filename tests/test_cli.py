@@ -49,6 +49,18 @@ def test_train_writes_checkpoints_config_and_tensorboard_scalars(trained):
     assert meta["vocab_size"] == len(meta["tokenizer"]["chars"]) and meta["dtype"] == "uint8"
 
 
+def test_captured_log_is_plain_lines_without_carriage_returns(trained):
+    """stderr captured to a file (not a terminal): step lines and evaluation lines, one per line, no bar frames."""
+    _, run, result = trained
+    log = result.stderr
+    assert "\r" not in log
+    steps = [line for line in log.splitlines() if line.startswith("step ") and "/60 (" in line]
+    assert [line.split(",")[0] for line in steps] == [f"step {n}/60 ({n * 100 // 60}%)" for n in (10, 20, 30, 40, 50, 60)]
+    assert all(" loss " in line and " tok/s " in line and "elapsed " in line and "ETA " in line for line in steps)
+    assert [line.split(":")[0] for line in log.splitlines() if "val loss" in line and line.startswith("step")] == ["step 30", "step 60"]
+    assert f"tensorboard: tensorboard --logdir {run}\n" in log  # this run only, not every run beside it
+
+
 def test_sample_streams_text_from_the_vocabulary_to_stdout(trained):
     _, run, _ = trained
     result = run_cli("sample", "--checkpoint", str(run), "--prompt", "All:", "--max-new-tokens", "80", "--seed", "3")
@@ -78,7 +90,8 @@ def test_help_lists_every_command_and_option():
     for command in ("train", "sample", "prepare", "config"):
         assert command in top.stdout
     train_help = run_cli("train", "--help").stdout
-    for option in ("--config", "--out-dir", "--device", "--set", "--resume", "--resume-from", "--overwrite", "--nproc"):
+    for option in ("--config", "--out-dir", "--device", "--set", "--resume", "--resume-from", "--overwrite", "--nproc",
+                   "--init-from"):
         assert option in train_help
     sample_help = run_cli("sample", "--help").stdout
     for option in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--num-samples",

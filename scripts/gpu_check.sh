@@ -47,9 +47,9 @@ EOF
 case "$1" in
 quick)
   XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
-  step tests_cpu_cuda 300 "MINIGPT_TEST_DEVICES=cpu,cuda $PY -m pytest -q -p no:cacheprovider -rs $XDIST tests"
+  step tests_cpu_cuda 240 "MINIGPT_TEST_DEVICES=cpu,cuda $PY -m pytest -q -p no:cacheprovider -rs $XDIST tests"
   # Without deterministic mode: do two identical CUDA runs agree bit for bit? (information only)
-  step cuda_repeatability 120 "$PY - <<'EOF'
+  step cuda_repeatability 60 "$PY - <<'EOF'
 import tempfile, torch
 from pathlib import Path
 from minigpt import config, checkpoint
@@ -63,13 +63,13 @@ diff = max((runs[0][k] - runs[1][k]).abs().max().item() for k in runs[0])
 print('two identical CUDA runs (non-deterministic kernels allowed): max weight difference', diff)
 EOF"
   SHORT="--set train.max_iters=600 --set train.eval_iters=50"
-  step bf16_600 240 "$MG train -c configs/shakespeare_char.yaml --out-dir runs/bf16_600 $SHORT"
-  step fp16_600_until_sigint 240 "$MG train -c configs/shakespeare_char.yaml --out-dir runs/fp16_600 $SHORT --set train.dtype=float16 & pid=\$!
+  step bf16_600 150 "$MG train -c configs/shakespeare_char.yaml --out-dir runs/bf16_600 $SHORT"
+  step fp16_600_until_sigint 150 "$MG train -c configs/shakespeare_char.yaml --out-dir runs/fp16_600 $SHORT --set train.dtype=float16 & pid=\$!
     while [ ! -f runs/fp16_600/last.pt ] && kill -0 \$pid 2>/dev/null; do sleep 0.5; done; sleep 2; kill -INT \$pid; wait \$pid; echo exit code \$?"
-  step fp16_600_resume 240 "$MG train -c configs/shakespeare_char.yaml --out-dir runs/fp16_600 $SHORT --set train.dtype=float16 --resume"
+  step fp16_600_resume 150 "$MG train -c configs/shakespeare_char.yaml --out-dir runs/fp16_600 $SHORT --set train.dtype=float16 --resume"
   step info_fp16 30 "$MG info --checkpoint runs/fp16_600/last.pt | head -40"
-  step torchrun_nproc1 180 "torchrun --standalone --nproc_per_node 1 -m minigpt train -c configs/shakespeare_char.yaml --device cuda --out-dir runs/torchrun1 --set train.max_iters=100 --set train.eval_interval=50 --set train.eval_iters=20"
-  step train_nproc1 180 "$MG train -c configs/shakespeare_char.yaml --device cuda --nproc 1 --out-dir runs/nproc1 --set train.max_iters=100 --set train.eval_interval=50 --set train.eval_iters=20"
+  step torchrun_nproc1 100 "torchrun --standalone --nproc_per_node 1 -m minigpt train -c configs/shakespeare_char.yaml --device cuda --out-dir runs/torchrun1 --set train.max_iters=100 --set train.eval_interval=50 --set train.eval_iters=20"
+  step train_nproc1 100 "$MG train -c configs/shakespeare_char.yaml --device cuda --nproc 1 --out-dir runs/nproc1 --set train.max_iters=100 --set train.eval_interval=50 --set train.eval_iters=20"
   step sample_gpu_ckpt_on_cpu 120 "$MG sample --checkpoint runs/bf16_600 --device cpu -n 300 --seed 1"
   {
     echo "bf16 600 steps:   $(val_losses <(sed -n '/=== bf16_600/,/^bf16_600 /p' "$LOG"))"

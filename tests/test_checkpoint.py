@@ -12,31 +12,48 @@ from minigpt.errors import CheckpointError
 from minigpt.sample import load_model, sample
 from minigpt.train import train
 
-from conftest import tiny_config
+from conftest import tiny_config, write_corpus
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    from conftest import write_corpus
+def trained(tmp_path_factory):
+    """train_on(device): a short tiny run trained on that device, trained once per module and device."""
+    runs = {}
 
-    corpus = write_corpus(tmp / "corpus.txt")
-    return train(tiny_config(tmp, corpus, "train.max_iters=20", "train.eval_interval=10", "train.warmup_iters=2"),
-                 progress=False)
+    def train_on(device: str):
+        if device not in runs:
+            tmp = tmp_path_factory.mktemp(f"ckpt-{device}")
+            corpus = write_corpus(tmp / "corpus.txt")
+            runs[device] = train(tiny_config(tmp, corpus, "train.max_iters=20", "train.eval_interval=10",
+                                             "train.warmup_iters=2", f"train.device={device}"), progress=False)
+        return runs[device]
+    return train_on
 
 
-def test_save_load_gives_identical_logits_and_sample(run, tmp_path):
-    loaded = load_model(str(run.run_dir), resolve_device("cpu"))
+@pytest.fixture(scope="module")
+def run(trained):
+    return trained("cpu")
+
+
+def test_save_load_gives_identical_logits_and_sample(trained, device, tmp_path):
+    """A run trained on `device`, loaded there twice (once via a re-saved copy): same logits, same seeded sample."""
+    run = trained(device.type)
+    loaded = load_model(str(run.run_dir), resolve_device(device.type))
     copy = tmp_path / "copy.pt"
     payload = checkpoint.load(run.run_dir)
     checkpoint.save(copy, {k: v for k, v in payload.items() if k not in ("format", "version", "path")})
-    again = load_model(str(copy), resolve_device("cpu"))
-    idx = torch.randint(0, loaded.tokenizer.vocab_size, (2, 16))
+    again = load_model(str(copy), resolve_device(device.type))
+    idx = torch.randint(0, loaded.tokenizer.vocab_size, (2, 16), device=device)
     assert torch.equal(loaded.model(idx)[0], again.model(idx)[0])
     a = sample(loaded, "All:", 40, 1.0, None, 1, seed=7)
     b = sample(again, "All:", 40, 1.0, None, 1, seed=7)
     assert a == b and a[0].startswith("All:") and len(a[0]) == 44
     assert set(a[0]) <= set(loaded.tokenizer.chars)
+    # The same checkpoint on the CPU computes the same logits (up to kernel rounding), and samples there.
+    on_cpu = load_model(str(run.run_dir), resolve_device("cpu"))
+    torch.testing.assert_close(on_cpu.model(idx.cpu())[0], loaded.model(idx)[0].cpu(), rtol=1e-4, atol=1e-4)
+    greedy = [sample(m, "All:", 40, 0.0, None, 1, seed=7) for m in (loaded, on_cpu)]
+    assert greedy[0][0].startswith("All:") and len(greedy[1][0]) == 44
 
 
 def test_checkpoint_is_self_contained_plain_data(run):

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from minigpt import checkpoint
 from minigpt.cli import app
+from minigpt.device import available_devices
 from minigpt.errors import CheckpointError
 
 from conftest import CONFIGS, run_cli, tiny_sets, write_corpus
@@ -155,10 +156,15 @@ def test_any_random_bytes_are_a_checkpoint_error_without_warnings(tmp_path):
 
 
 def test_unavailable_device_lists_available_ones(run, tmp_path):
-    for device in ("cuda", "mps"):
+    """Devices this machine lacks (both cuda and mps on a CPU machine, mps on a GPU one) are refused, naming those it has."""
+    have = available_devices()
+    missing = [device for device in ("cuda", "mps") if device not in have]
+    assert missing  # no machine has both CUDA and MPS
+    for device in missing:
         code, _, err = invoke("sample", "--checkpoint", str(run), "--device", device)
-        assert_one_line_error(code, err, f"device '{device}' is not available", "available: cpu", exit_code=5)
-    code, _, err = invoke("train", "--config", str(CONFIGS / "tiny.yaml"), "--device", "cuda",
+        assert_one_line_error(code, err, f"device '{device}' is not available", f"available: {', '.join(have)}",
+                              exit_code=5)
+    code, _, err = invoke("train", "--config", str(CONFIGS / "tiny.yaml"), "--device", missing[0],
                           "--out-dir", str(tmp_path / "r"))
     assert_one_line_error(code, err, "not available")
 

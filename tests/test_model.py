@@ -1,18 +1,20 @@
+"""The model: attention paths agree, causality, initialisation, loss, learning; on each test device."""
+
 import torch
 
 from minigpt.config import ModelConfig
 from minigpt.model import GPT
 
 
-def make(seed=0, **kw):
+def make(seed=0, device="cpu", **kw):
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, dropout=0.0, **kw)
-    return GPT(cfg, vocab_size=11).eval()
+    return GPT(cfg, vocab_size=11).to(device).eval()
 
 
-def test_explicit_attention_equals_fused():
-    model = make()
-    idx = torch.randint(0, 11, (3, 16))
+def test_explicit_attention_equals_fused(device):
+    model = make(device=device)
+    idx = torch.randint(0, 11, (3, 16), device=device)
     fused, _ = model(idx)
     model.set_fused_attention(False)
     explicit, _ = model(idx)
@@ -20,9 +22,9 @@ def test_explicit_attention_equals_fused():
     assert not torch.equal(fused, torch.zeros_like(fused))
 
 
-def test_future_tokens_do_not_change_past_logits():
-    model = make()
-    idx = torch.randint(0, 11, (2, 16))
+def test_future_tokens_do_not_change_past_logits(device):
+    model = make(device=device)
+    idx = torch.randint(0, 11, (2, 16), device=device)
     changed = idx.clone()
     changed[:, 9:] = (changed[:, 9:] + 1) % 11
     for fused in (True, False):
@@ -33,12 +35,12 @@ def test_future_tokens_do_not_change_past_logits():
         assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-3)
 
 
-def test_attention_weights_rows_sum_to_one_and_are_causal():
-    model = make()
-    maps = model.attention_maps(torch.randint(0, 11, (2, 10)))
+def test_attention_weights_rows_sum_to_one_and_are_causal(device):
+    model = make(device=device)
+    maps = model.attention_maps(torch.randint(0, 11, (2, 10), device=device))
     assert len(maps) == 2 and maps[0].shape == (2, 4, 10, 10)
     for w in maps:
-        assert torch.allclose(w.sum(-1), torch.ones(2, 4, 10), atol=1e-6)
+        assert torch.allclose(w.sum(-1), torch.ones(2, 4, 10, device=w.device), atol=1e-6)
         assert torch.all(torch.triu(w, diagonal=1) == 0)
 
 
@@ -59,10 +61,10 @@ def test_loss_is_mean_cross_entropy_and_near_log_vocab_at_init():
     assert abs(loss.item() - torch.log(torch.tensor(11.0)).item()) < 0.3
 
 
-def test_tiny_model_overfits_one_batch():
+def test_tiny_model_overfits_one_batch(device):
     torch.manual_seed(0)
-    model = make().train()
-    idx = torch.randint(0, 11, (4, 17))
+    model = make(device=device).train()
+    idx = torch.randint(0, 11, (4, 17), device=device)
     x, y = idx[:, :-1], idx[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None

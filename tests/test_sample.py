@@ -22,38 +22,39 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_model(block_size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float64, bias: bool = True) -> GPT:
-    """A small random model with sharpened logits (so greedy choices are not near-ties)."""
+def make_model(block_size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float64, bias: bool = True,
+               device: torch.device | str = "cpu") -> GPT:
+    """A small random model with sharpened logits (so greedy choices are not near-ties), on `device`."""
     torch.manual_seed(seed)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, dropout=0.0, bias=bias), VOCAB)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def greedy(model: GPT, prompt: list[list[int]], n: int, use_cache: bool) -> list[list[int]]:
-    idx = torch.tensor(prompt, dtype=torch.long)
+    idx = torch.tensor(prompt, dtype=torch.long, device=model.lm_head.weight.device)
     out = [t for t in generate(model, idx, n, temperature=0.0, use_cache=use_cache)]
     return torch.cat(out, dim=1).tolist()
 
 
-def test_greedy_cached_equals_uncached_up_to_block_size():
-    model = make_model(block_size=16)
+def test_greedy_cached_equals_uncached_up_to_block_size(device):
+    model = make_model(block_size=16, device=device)
     for prompt in ([[3]], [[1, 2, 3, 4, 5]], [[7, 1], [2, 9]]):
         n = 16 - len(prompt[0]) + 1  # the last id is chosen from a full window of block_size positions
         assert greedy(model, prompt, n, use_cache=True) == greedy(model, prompt, n, use_cache=False)
 
 
-def test_greedy_cached_equals_uncached_in_float32():
-    model = make_model(block_size=16, seed=3, dtype=torch.float32)
+def test_greedy_cached_equals_uncached_in_float32(device):
+    model = make_model(block_size=16, seed=3, dtype=torch.float32, device=device)
     assert greedy(model, [[4, 2]], 15, use_cache=True) == greedy(model, [[4, 2]], 15, use_cache=False)
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_lean_path_equals_model_forward_with_cache(bias):
+def test_lean_path_equals_model_forward_with_cache(device, bias):
     """The lean path: a prompt into an empty cache (fill), then two single positions (step), against the modules."""
-    model = make_model(block_size=16, dtype=torch.float32, bias=bias)
-    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    model = make_model(block_size=16, dtype=torch.float32, bias=bias, device=device)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]], device=device)
     with torch.inference_mode():
         cache = model.new_kv_cache(2)
         decoder = Decoder(model, 2)
@@ -61,7 +62,7 @@ def test_lean_path_equals_model_forward_with_cache(bias):
         for la, lb in zip(cache.layers, decoder.cache.layers):  # the cached keys and values agree too
             torch.testing.assert_close(lb.kv[:, :, :3], la.kv[:, :, :3])
         seq = prompt
-        for new in (torch.tensor([[7], [8]]), torch.tensor([[9], [0]])):
+        for new in (torch.tensor([[7], [8]], device=device), torch.tensor([[9], [0]], device=device)):
             expected = model(new, kv_cache=cache)[0][:, -1]
             got = decoder.step(new)
             torch.testing.assert_close(got, expected)
@@ -70,9 +71,9 @@ def test_lean_path_equals_model_forward_with_cache(bias):
         assert cache.length == decoder.cache.length == 5
         with pytest.raises(ValueError, match="empty cache"):
             lean_forward(model, decoder.weights, prompt, decoder.cache)
-        decoder.fill(torch.zeros(2, 16, dtype=torch.long))  # a full window: no room for one more position
+        decoder.fill(torch.zeros(2, 16, dtype=torch.long, device=device))  # a full window: no room for one more
         with pytest.raises(ValueError, match="holds 16 positions"):
-            decoder.step(torch.tensor([[1], [2]]))
+            decoder.step(torch.tensor([[1], [2]], device=device))
 
 
 def test_beyond_block_size_model_never_sees_more_than_block_size(monkeypatch):
@@ -119,7 +120,7 @@ def reference_rebuild_strategy(model: GPT, prompt: list[int], n: int) -> list[in
     window, out = prompt[-block:], []
     with torch.no_grad():
         for _ in range(n):
-            logits, _ = model(torch.tensor([window]))
+            logits, _ = model(torch.tensor([window], device=model.lm_head.weight.device))
             nxt = int(logits[0, -1].argmax())
             out.append(nxt)
             if len(window) == block:
@@ -128,8 +129,8 @@ def reference_rebuild_strategy(model: GPT, prompt: list[int], n: int) -> list[in
     return out
 
 
-def test_beyond_block_size_cached_follows_the_documented_strategy():
-    model = make_model(block_size=8)
+def test_beyond_block_size_cached_follows_the_documented_strategy(device):
+    model = make_model(block_size=8, device=device)
     assert greedy(model, [[1, 2, 3]], 40, use_cache=True)[0] == reference_rebuild_strategy(model, [1, 2, 3], 40)
 
 
@@ -156,8 +157,8 @@ def test_num_samples_are_one_batch_and_seeds_reproduce(monkeypatch):
     assert sample(loaded(model), "abc", 30, 1.0, None, num_samples=4, seed=8) != texts
 
 
-def test_seeded_sampling_with_and_without_cache_is_reproducible():
-    model = make_model(block_size=16, dtype=torch.float32)
+def test_seeded_sampling_with_and_without_cache_is_reproducible(device):
+    model = make_model(block_size=16, dtype=torch.float32, device=device)
     one = sample(loaded(model), "ab", 40, 0.8, 5, num_samples=1, seed=1, use_cache=False)
     two = sample(loaded(model), "ab", 40, 0.8, 5, num_samples=1, seed=1, use_cache=False)
     assert one == two

@@ -12,7 +12,7 @@ from minigpt.errors import CheckpointError, TrainingError
 from minigpt.model import GPT
 from minigpt.train import get_lr, train
 
-from conftest import tiny_config
+from conftest import deterministic, device_cases, tiny_config, train_dtypes
 
 FAST = ["train.warmup_iters=2", "train.log_interval=1", "train.sample_chars=0", "train.eval_iters=2", "model.dropout=0.1"]
 
@@ -41,14 +41,15 @@ def test_same_config_twice_gives_same_losses(tmp_path, corpus):
     assert a.history[-1]["val_loss"] < math.log(65)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_is_bit_exact_with_uninterrupted_run(tmp_path, corpus, dtype):
+@pytest.mark.parametrize("device_name, dtype", device_cases(train_dtypes))
+def test_resume_is_bit_exact_with_uninterrupted_run(tmp_path, corpus, device_name, dtype):
     # The schedule is pinned to 20 steps, so stopping at 10 does not change the learning rates.
     sets = ["train.eval_interval=5", "train.gradient_accumulation_steps=2", "train.lr_decay_iters=20",
-            f"train.dtype={dtype}", *FAST]
-    straight = train(tiny_config(tmp_path / "s", corpus, "train.max_iters=20", *sets), progress=False)
-    first = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=10", *sets), progress=False)
-    resumed = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=20", *sets), resume=True, progress=False)
+            f"train.dtype={dtype}", f"train.device={device_name}", *FAST]
+    with deterministic(device_name):
+        straight = train(tiny_config(tmp_path / "s", corpus, "train.max_iters=20", *sets), progress=False)
+        first = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=10", *sets), progress=False)
+        resumed = train(tiny_config(tmp_path / "r", corpus, "train.max_iters=20", *sets), resume=True, progress=False)
     assert first.step == 10 and resumed.step == straight.step == 20
     # Identical losses at every step, read back from TensorBoard (no duplicated or missing steps) ...
     assert scalars(resumed.run_dir, "train/loss") == scalars(straight.run_dir, "train/loss")
@@ -63,15 +64,19 @@ def test_resume_is_bit_exact_with_uninterrupted_run(tmp_path, corpus, dtype):
     assert a["best_val_loss"] == b["best_val_loss"] and a["step"] == b["step"] == 20
     assert all(w.dtype == torch.float32 for w in b["model"].values())  # autocast leaves the weights float32
     assert b["config"]["train"]["dtype"] == dtype
+    assert (b["scaler"] is not None) == (dtype == "float16")  # float16's loss scale is resumed too
 
 
-def test_bfloat16_training_learns_like_float32(tmp_path, corpus):
-    """bf16 autocast (CPU): the loss falls as in float32 and stays close to it; the run reports its dtype."""
-    runs = {dtype: train(tiny_config(tmp_path / dtype, corpus, "train.max_iters=30", "train.eval_interval=30",
-                                     f"train.dtype={dtype}", *FAST), progress=False) for dtype in ("float32", "bfloat16")}
-    fp32, bf16 = (runs[d].history[-1]["val_loss"] for d in ("float32", "bfloat16"))
-    assert bf16 < math.log(65) - 0.5 and abs(bf16 - fp32) < 0.05
-    first, last = scalars(runs["bfloat16"].run_dir, "train/loss")[0][1], scalars(runs["bfloat16"].run_dir, "train/loss")[-1][1]
+@pytest.mark.parametrize("device_name, dtype",
+                         device_cases(lambda device: [d for d in train_dtypes(device) if d != "float32"]))
+def test_low_precision_training_learns_like_float32(tmp_path, corpus, device_name, dtype):
+    """bf16 autocast (and float16 with loss scaling, on CUDA): the loss falls as in float32 and stays close to it."""
+    runs = {d: train(tiny_config(tmp_path / d, corpus, "train.max_iters=30", "train.eval_interval=30",
+                                 f"train.dtype={d}", f"train.device={device_name}", *FAST), progress=False)
+            for d in ("float32", dtype)}
+    full, low = (runs[d].history[-1]["val_loss"] for d in ("float32", dtype))
+    assert low < math.log(65) - 0.5 and abs(low - full) < 0.05
+    first, last = scalars(runs[dtype].run_dir, "train/loss")[0][1], scalars(runs[dtype].run_dir, "train/loss")[-1][1]
     assert last < first - 0.5
 
 

@@ -156,7 +156,7 @@ def evaluate_file(loaded: LoadedModel, path: Path, stride: int | None = None,
 def split_ids(loaded: LoadedModel, split: str) -> torch.Tensor:
     """The prepared token array of the data the checkpoint was trained on ('train' or 'val')."""
     if split not in ("train", "val"):
-        raise DataError(f"--split must be train or val, got {split!r}")
+        raise PromptError(f"--split must be train or val, got {split!r}")
     prepared = data.prepare(loaded.config.data, loaded.config.model.block_size)
     trained_on = loaded.payload.get("data") or {}
     if trained_on.get("sha256") and trained_on["sha256"] != prepared.meta["source_sha256"]:

@@ -244,7 +244,8 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
         if device.type == "cuda" and payload["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(payload["rng"]["cuda"], device)
         step, best_val = payload["step"], payload["best_val_loss"]
-        say(f"resuming {payload['path']} at step {step} (best val loss {best_val:.4f})")
+        best_text = f"{best_val:.4f}" if math.isfinite(best_val) else "none yet"  # stopped before its first evaluation
+        say(f"resuming {payload['path']} at step {step} (best val loss {best_text})")
 
     if world.is_main:
         try:

@@ -233,13 +233,16 @@ def weights_and_grads(model: GPT, x: torch.Tensor, y: torch.Tensor) -> dict[str,
 
 
 def describe(loaded: LoadedModel) -> dict:
-    """What a checkpoint holds, as plain data: step, losses, size, vocabulary, data and config."""
+    """What a checkpoint holds, as plain data: corpus, step, losses, size, vocabulary, data and config."""
     from minigpt import config as config_mod
 
     p = loaded.payload
     best = p.get("best_val_loss")
+    sources = (p.get("data") or {}).get("sources") or []
     return {
         "checkpoint": p["path"],
+        # What it was trained on; config.name below is only the config file it was started from.
+        "corpus": data.corpus_name(sources) if sources else None,
         "step": p["step"],
         "best_val_loss": best,
         "best_val_bpc": best / LN2 if best is not None and math.isfinite(best) else None,

@@ -174,16 +174,18 @@ def test_any_random_bytes_are_a_checkpoint_error_without_warnings(tmp_path):
 
 
 def test_unavailable_device_lists_available_ones(run, tmp_path):
-    for device in ("cuda", "mps"):
+    from minigpt.device import available_devices
+
+    missing = [device for device in ("cuda", "mps") if device not in available_devices()]
+    for device in missing:
         code, _, err = invoke("sample", "--checkpoint", str(run), "--device", device)
         assert_one_line_error(code, err, f"device '{device}' is not available", "available: cpu", exit_code=5)
-    code, _, err = invoke("train", "--config", str(CONFIGS / "tiny.yaml"), "--device", "cuda",
-                          "--out-dir", str(tmp_path / "r"))
-    assert_one_line_error(code, err, "not available")
-    if not torch.cuda.is_available():  # cuda:N is a device name (exit 5 here), not a config mistake (exit 2)
-        code, _, err = invoke("train", "--config", str(CONFIGS / "tiny.yaml"), "--device", "cuda:1",
+    # cuda:N names a device (exit 5 where there is no such GPU), not a config mistake (exit 2).
+    absent = "device 'cuda:9' does not exist" if torch.cuda.is_available() else "device 'cuda:9' is not available"
+    for device, message in [("cuda", "not available")] * ("cuda" in missing) + [("cuda:9", absent)]:
+        code, _, err = invoke("train", "--config", str(CONFIGS / "tiny.yaml"), "--device", device,
                               "--out-dir", str(tmp_path / "r"))
-        assert_one_line_error(code, err, "device 'cuda:1' is not available", exit_code=5)
+        assert_one_line_error(code, err, message, exit_code=5)
 
 
 def test_unwritable_run_directory(tmp_path):

@@ -179,7 +179,8 @@ def test_unavailable_device_lists_available_ones(run, tmp_path):
     missing = [device for device in ("cuda", "mps") if device not in available_devices()]
     for device in missing:
         code, _, err = invoke("sample", "--checkpoint", str(run), "--device", device)
-        assert_one_line_error(code, err, f"device '{device}' is not available", "available: cpu", exit_code=5)
+        assert_one_line_error(code, err, f"device '{device}' is not available",
+                              f"available: {', '.join(available_devices())}", exit_code=5)
     # cuda:N names a device (exit 5 where there is no such GPU), not a config mistake (exit 2).
     absent = "device 'cuda:9' does not exist" if torch.cuda.is_available() else "device 'cuda:9' is not available"
     for device, message in [("cuda", "not available")] * ("cuda" in missing) + [("cuda:9", absent)]:

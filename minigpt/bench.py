@@ -31,6 +31,7 @@ cached and uncached paths are timed in alternating rounds too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import resource
@@ -279,8 +280,10 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
     report: dict = {"device": str(device), "torch_version": torch.__version__, "threads": threads}
     with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as tmp:
         workdir = Path(tmp)
-        cfg.data.path = str(write_corpus(workdir / "corpus.txt", CORPUS_MB * 1024 * 1024))
-        cfg.data.prepared_dir = str(workdir / "prepared")
+        corpus = write_corpus(workdir / "corpus.txt", CORPUS_MB * 1024 * 1024)
+        # A copy pointed at the generated corpus: the caller's cfg is left as it was.
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(corpus),
+                                                                prepared_dir=str(workdir / "prepared")))
         prepared = data.prepare(cfg.data, cfg.model.block_size)
         tokens = prepared.tokens("train")
 
@@ -294,6 +297,7 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
         default_dtype = default_run.precision.dtype  # the peak MFU is taken against, for the default settings
         peak_default = peak if default_dtype == torch.float32 else matmul_peak_gflops(device, dtype=default_dtype)
         compare_training([default, eager], device, warmup_steps, rounds, round_seconds)
+        default.compiled = device_mod.is_compiled(default.step_model)  # False if the compile failed and ran eager
         train_rss = peak_rss_mb()
         flops = train_flops_per_token(default_run.model)
         default_tps = default_run.tokens_per_step / default.best_step_s
@@ -335,8 +339,6 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
 
 def _with_train(cfg: Config, **changes) -> Config:
     """A copy of cfg with some train settings changed."""
-    import dataclasses
-
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 

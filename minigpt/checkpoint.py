@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from minigpt import config as config_mod
-from minigpt.errors import CheckpointError
+from minigpt.errors import CheckpointError, first_line
 
 if TYPE_CHECKING:
     from minigpt.run import Run
@@ -137,7 +137,7 @@ def load(path: str | Path, prefer: str = BEST, map_location: str | torch.device 
             payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - damaged bytes fail in many ways (seen: IndexError, KeyError, UnicodeDecodeError)
         raise CheckpointError(
-            f"checkpoint {file} cannot be read: it is truncated or not a minigpt checkpoint ({str(exc).splitlines()[0][:120]})"
+            f"checkpoint {file} cannot be read: it is truncated or not a minigpt checkpoint ({first_line(str(exc))})"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a minigpt checkpoint (no '{FORMAT}' marker)")

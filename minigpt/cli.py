@@ -2,7 +2,9 @@
 
 Results (sampled text, YAML, JSON reports) go to stdout; progress and messages go to stderr.
 A user error is printed as one line, `error: ...`, with the exit code of its kind (see
-minigpt.errors); `--debug` shows the traceback instead.
+minigpt.errors); `--debug` adds the traceback. A mistake on the command line itself (an unknown
+option, a missing value, a stray word) is one line too, `error: ...; hint`, exit code 2. A
+stdout closed early (`minigpt sample ... | head`) is a normal end: exit code 0, nothing printed.
 """
 
 from __future__ import annotations
@@ -10,13 +12,64 @@ from __future__ import annotations
 import functools
 import os
 import shlex
+import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import typer
+from typer.core import TyperGroup
 
-from minigpt.errors import Interrupted, MiniGPTError, TrainingError
+from minigpt.errors import Interrupted, MiniGPTError, PromptError, TrainingError
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # older typer uses click itself
+    from click.exceptions import ClickException, UsageError
+
+
+class OneLineErrors(TyperGroup):
+    """The app's command group: click's usage errors become one line on stderr, `error: ...; hint`, exit 2."""
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:  # not standalone: click raises its errors here instead of printing them as a box
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `minigpt` alone: the help, as before
+                typer.echo(exc.format_message())
+            else:
+                typer.echo(f"error: {usage_message(exc, argv)}", err=True)
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_message(exc: UsageError, argv: list[str]) -> str:
+    """Click's message on one line, with a hint: what a stray word after a flag or `--set key` means, else --help."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    ctx = exc.ctx
+    if "unexpected extra argument" in message:
+        flags = {opt for p in (ctx.command.params if ctx else []) if getattr(p, "is_flag", False)
+                 for opt in p.opts + p.secondary_opts}
+        for before, word in zip(argv, argv[1:]):
+            if before in flags and not word.startswith("-"):
+                return f"{message}; {before} is a flag and takes no value: drop {word!r} (leave the flag out for false)"
+        for option, key, word in zip(argv, argv[1:], argv[2:]):
+            if option == "--set" and "=" not in key:
+                return f"{message}; --set takes key=value as one word, e.g. --set {key}={word}"
+    return f"{message}; see '{ctx.command_path if ctx else 'minigpt'} --help'"
+
 
 app = typer.Typer(
     name="minigpt",
@@ -24,6 +77,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags read as `--json`, not `--json <bool>`
+    cls=OneLineErrors,
 )
 config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -37,31 +92,60 @@ CheckpointOpt = typer.Option(..., "--checkpoint", help="A checkpoint file, or a 
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn MiniGPTError into one line on stderr and the error's exit code (traceback with --debug)."""
+    """Turn MiniGPTError into one line on stderr and the error's exit code (plus the traceback with --debug).
+
+    A stop by a signal is reported as `stopped ...`, not as an error. A stdout closed by its reader
+    ends the command quietly with exit code 0.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:
+            _silence_stdout()
+            raise typer.Exit(0)
         except MiniGPTError as exc:
+            if isinstance(exc, Interrupted):
+                _ignore_further_interrupts()
             if _state["debug"]:
-                raise
+                traceback.print_exc()
             # Stops that every torchrun process agrees on (Ctrl-C, a NaN loss) are reported by rank 0 only.
             agreed = isinstance(exc, (Interrupted, TrainingError))
             if not (agreed and os.environ.get("RANK", "0") != "0"):
-                typer.echo(f"error: {exc}", err=True)
+                typer.echo(f"{'' if isinstance(exc, Interrupted) else 'error: '}{exc}", err=True)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
+            _ignore_further_interrupts()
             if _state["debug"]:
-                raise
+                traceback.print_exc()
             typer.echo("aborted (second interrupt): nothing was saved after the last checkpoint", err=True)
             raise typer.Exit(130)
 
     return wrapper
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush into a closed pipe does not fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured by a test runner)
+        pass
+
+
+def _ignore_further_interrupts() -> None:
+    """The run has stopped (and saved): a further Ctrl-C has nothing left to stop, and would otherwise
+    land in the interpreter's exit as an "Exception ignored in atexit callback" traceback."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (same exit codes).")) -> None:
     """Train a character-level GPT on any text and sample from it."""
     _state["debug"] = debug
 
@@ -124,7 +208,10 @@ def train(
     cfg = _load_config(config, set_, device, out_dir)
     check_launch(nproc, cfg.train.device, cfg.train.batch_size)
     if nproc > 1:
-        raise typer.Exit(launch(nproc, _train_args(config, out_dir, device, set_, resume, resume_from, overwrite, init_from)))
+        code = launch(nproc, _train_args(config, out_dir, device, set_, resume, resume_from, overwrite, init_from))
+        if code in (130, 143):  # the workers stopped on a signal and saved
+            _ignore_further_interrupts()
+        raise typer.Exit(code)
     hint = shlex.join(["minigpt"] + _train_args(config, out_dir, device, set_, True, None, False))
     run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, resume_hint=hint,
                  init_from=str(init_from) if init_from else None)
@@ -199,9 +286,14 @@ StrideOpt = typer.Option(None, "--stride", help="Window advance in characters (d
 InspectDeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 
 
+def _check_out(out: Optional[Path], suffixes: tuple[str, ...], what: str) -> None:
+    """An --out file name must end in one of `suffixes` (checked before the slow model load)."""
+    if out is not None and out.suffix.lower() not in suffixes:
+        raise PromptError(f"--out {out}: {what} is written as {' or '.join(suffixes)}; give a file name ending in {suffixes[0]}")
+
+
 def _load_checkpoint(checkpoint: Path, device: str, unknown: str):
     """The model of a checkpoint on `device`, after checking the --unknown policy."""
-    from minigpt.errors import PromptError
     from minigpt.sample import load_model
 
     if unknown not in ("error", "skip", "replace"):
@@ -221,6 +313,7 @@ def attention(
     unknown: str = UnknownOpt,
 ) -> None:
     """Draw the causal attention weights of a prompt: one heatmap per layer and head."""
+    _check_out(out, (".png",), "the attention picture")
     from minigpt import evaluate, viz
 
     loaded = _load_checkpoint(checkpoint, device, unknown)
@@ -244,12 +337,9 @@ def surprise(
     unknown: str = UnknownOpt,
 ) -> None:
     """Score each character in bits (-log2 p); print the mean bits per character."""
-    from minigpt.errors import DataError, PromptError
-
     if (text is None) == (file is None):
         raise PromptError("pass exactly one of --text TEXT or --file FILE")
-    if out is not None and out.suffix.lower() not in (".html", ".htm", ".png"):
-        raise DataError(f"--out {out}: the surprise view is written as .html or .png")
+    _check_out(out, (".html", ".htm", ".png"), "the surprise view")
     from minigpt import evaluate, viz  # imported after the checks: torch is slow to import
 
     loaded = _load_checkpoint(checkpoint, device, unknown)
@@ -279,12 +369,10 @@ def eval_(
     """Exact bits per character over a whole file or split (every character scored once)."""
     import json
 
-    from minigpt.errors import DataError, PromptError
-
     if file is not None and split is not None:
         raise PromptError("pass either --file FILE or --split val, not both")
     if split not in (None, "train", "val"):
-        raise DataError(f"--split must be train or val, got {split!r}")
+        raise PromptError(f"--split must be train or val, got {split!r}")
     from minigpt import evaluate  # imported after the checks: torch is slow to import
 
     loaded = _load_checkpoint(checkpoint, device, unknown)
@@ -318,6 +406,7 @@ def plot(
     out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
 ) -> None:
     """Draw the train and validation loss curves of a run from its TensorBoard event files."""
+    _check_out(out, (".png",), "the loss picture")
     from minigpt import viz
 
     figure = viz.loss_figure(viz.read_scalars(run), title=f"loss of {run}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class TrainConfig:
     eval_iters: int = 20  # batches per split averaged at each evaluation
     log_interval: int = 10  # steps between TensorBoard scalar writes
     sample_chars: int = 200  # characters of text sample logged at each evaluation (0 = none)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to train
+    device: str = "auto"  # where to train: auto, cpu, cuda, cuda:N (one GPU) or mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: bf16 (fp16) on CUDA, bf16 on CPUs with bf16 units
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile; auto: CUDA only (slower on CPU)
     fused_attention: Union[bool, Literal["auto"]] = "auto"  # F.scaled_dot_product_attention; auto: not for CPU bf16
@@ -198,6 +199,8 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
     for key, value in [("train.beta1", t.beta1), ("train.beta2", t.beta2)]:
         if not 0.0 <= value < 1.0:
             problems.append(f"{key} must be in [0, 1), got {value}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
+        problems.append(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     if t.learning_rate <= 0:
         problems.append(f"train.learning_rate must be positive, got {t.learning_rate}")
     if t.min_lr > t.learning_rate:

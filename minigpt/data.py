@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import urllib.request
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported where batches are made: `minigpt prepare`
 from minigpt.config import DataConfig
 from minigpt.errors import DataError
 from minigpt.lock import DirectoryLock
+from minigpt.tracking import log
 from minigpt.tokenizer import CharTokenizer, codepoints_of, smallest_dtype
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -114,15 +116,45 @@ def resolve_sources(data: DataConfig) -> list[Path]:
 
 # ----------------------------------------------------------------------------- streaming passes
 
-def _decoded_chunks(files: list[Path], data: DataConfig, on_bytes: Callable[[int], None] | None = None):
-    """Yield (file, raw bytes, decoded text) chunk by chunk; decoding errors name the byte offset."""
+_BAD_BYTES: ContextVar[list[int] | None] = ContextVar("minigpt_bad_bytes", default=None)  # the decode's tally
+
+
+def _counting(replacement: str) -> Callable[[UnicodeError], tuple[str, int]]:
+    """A codec error handler like the built-in replace/ignore that also tallies the bytes it replaces or drops."""
+
+    def handler(exc: UnicodeError) -> tuple[str, int]:
+        if not isinstance(exc, UnicodeDecodeError):
+            raise exc
+        tally = _BAD_BYTES.get()
+        if tally is not None:
+            tally[0] += exc.end - exc.start
+        return replacement, exc.end
+
+    return handler
+
+
+def _error_handler(errors: str) -> str:
+    """The codec error handler name for data.errors: strict as it is; replace and ignore counted."""
+    if errors == "strict":
+        return errors
+    codecs.register_error(f"minigpt-{errors}", _counting("\ufffd" if errors == "replace" else ""))
+    return f"minigpt-{errors}"
+
+
+def _decoded_chunks(files: list[Path], data: DataConfig, on_bytes: Callable[[int], None] | None = None,
+                    bad_bytes: list[int] | None = None):
+    """Yield (file, raw bytes, decoded text) chunk by chunk; decoding errors name the byte offset.
+
+    With data.errors replace or ignore, `bad_bytes[0]` counts the bytes replaced or dropped.
+    """
     for path in files:
-        decoder = codecs.getincrementaldecoder(data.encoding)(errors=data.errors)
+        decoder = codecs.getincrementaldecoder(data.encoding)(errors=_error_handler(data.errors))
         offset = 0
         with open(path, "rb") as f:
             while True:
                 raw = f.read(CHUNK_BYTES)
                 final = len(raw) < CHUNK_BYTES
+                tally = _BAD_BYTES.set(bad_bytes)
                 try:
                     pending = len(decoder.getstate()[0])
                     text = decoder.decode(raw, final=final)
@@ -132,6 +164,8 @@ def _decoded_chunks(files: list[Path], data: DataConfig, on_bytes: Callable[[int
                         f"{path} is not valid {data.encoding}: undecodable byte at offset {at} ({exc.reason}); "
                         "convert the file to UTF-8, or set data.errors to replace or ignore"
                     ) from exc
+                finally:
+                    _BAD_BYTES.reset(tally)
                 offset += len(raw)
                 if on_bytes:
                     on_bytes(len(raw))
@@ -204,6 +238,7 @@ def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], No
             if prepared is None:
                 prepared = _write(files, out, fingerprint, data, base_vocab, progress)
     check_lengths(prepared, block_size)
+    _say_bad_bytes(prepared.meta, data)
     return prepared
 
 
@@ -222,7 +257,8 @@ def _write(files: list[Path], out: Path, fingerprint: dict, data: DataConfig, ba
     # Pass 1: vocabulary (a histogram over all code points), character count, and content hash.
     counts = np.zeros(0x110000, dtype=np.int64)
     digest = hashlib.sha256()
-    for _, raw, text in _decoded_chunks(files, data, advance):
+    bad_bytes = [0]
+    for _, raw, text in _decoded_chunks(files, data, advance, bad_bytes):
         digest.update(raw)
         if text:
             counts += np.bincount(codepoints_of(text), minlength=0x110000)
@@ -261,11 +297,21 @@ def _write(files: list[Path], out: Path, fingerprint: dict, data: DataConfig, ba
         "source_bytes": total,
         "source_sha256": digest.hexdigest(),
         "sources": [str(f) for f in files],
+        "bad_bytes": bad_bytes[0],  # undecodable bytes replaced or dropped (data.errors replace or ignore)
     }
     tmp_meta = out / "meta.json.tmp"
     tmp_meta.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     os.replace(tmp_meta, out / "meta.json")
     return Prepared(out, tokenizer, meta)
+
+
+def _say_bad_bytes(meta: dict, data: DataConfig) -> None:
+    """A note on stderr when data.errors replaced or dropped undecodable bytes: how many, in which corpus."""
+    n = meta.get("bad_bytes", 0)
+    if n:
+        done = "replaced by U+FFFD" if data.errors == "replace" else "dropped"
+        log(f"note: {corpus_name(meta['sources'])} is not valid {data.encoding}: {n:,} undecodable "
+            f"byte{'s' if n != 1 else ''} {done} (data.errors={data.errors})")
 
 
 def corpus_name(sources: list[str]) -> str:

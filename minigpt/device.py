@@ -10,10 +10,11 @@ import os
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from minigpt.errors import DeviceError
+from minigpt.errors import DeviceError, first_line
 from minigpt.tracking import log
 
 
@@ -127,18 +128,49 @@ def compile_problem(device: torch.device) -> str | None:
     return None
 
 
-def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch.compile(model), or the model itself (with a note on stderr) when compiling cannot work.
+def compile_model(model: torch.nn.Module, device: torch.device, backend: str | Callable = "inductor") -> torch.nn.Module:
+    """torch.compile(model) that falls back to eager, saying so, when compiling cannot work or fails.
 
-    Compilation happens lazily at the first forward pass; a failure there also falls back to
-    eager execution (torch._dynamo's suppress_errors) instead of stopping the run.
+    Compilation happens lazily at the first forward pass (and again for new shapes or modes); a
+    failure there is caught by CompiledModel for this model alone (torch's process-wide
+    `suppress_errors` is left as it is), which then runs eager and says so on stderr.
     """
     problem = compile_problem(device)
     if problem:
         log(f"note: running eager, not compiled: {problem}; set train.compile=false to silence this")
         return model
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(model)
+    return CompiledModel(model, backend)
+
+
+class CompiledModel(torch.nn.Module):
+    """A model run through torch.compile until a compile fails; from then on the plain model runs.
+
+    `compiled` says which is in effect. The plain module is kept as `_orig_mod`, the name
+    torch.compile uses, so checkpoint.clean_state_dict unwraps both the same way.
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: str | Callable = "inductor"):
+        super().__init__()
+        self._orig_mod = model
+        self.__dict__["_compiled"] = torch.compile(model, backend=backend)  # not a submodule: no second copy of the weights
+        self.compiled = True
+
+    def forward(self, *args, **kwargs):
+        if self.compiled:
+            try:
+                return self._compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as exc:  # raised before the model ran: safe to run eager
+                self.compiled = False
+                cause = getattr(exc, "inner_exception", None) or exc  # a backend's own error, e.g. a C++ compile
+                log(f"note: torch.compile failed ({type(cause).__name__}: {first_line(str(cause))}); this run continues eager, "
+                    "not compiled; set train.compile=false to skip the attempt")
+        return self._orig_mod(*args, **kwargs)
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether `model` (possibly wrapped in DDP) runs compiled now: False after a failed compile fell back to eager."""
+    model = getattr(model, "module", model)  # DDP
+    return isinstance(model, CompiledModel) and model.compiled
 
 
 def set_threads(threads: int) -> int:

@@ -16,7 +16,8 @@ class MiniGPTError(Exception):
 
 
 class ConfigError(MiniGPTError):
-    """A config file or override is missing, malformed, or inconsistent."""
+    """A config file or override is missing, malformed, or inconsistent (the same exit code as a
+    mistake on the command line itself, which click reports: an unknown option, a missing value)."""
 
     exit_code = 2
 
@@ -44,7 +45,8 @@ class DeviceError(MiniGPTError):
 
 
 class PromptError(MiniGPTError):
-    """A prompt or a sampling option cannot be used with this model."""
+    """A prompt, or an option of a command that reads a trained model (sample, attention, surprise,
+    eval, plot), cannot be used: unknown characters, --temperature -1, --layer out of range, --out a.jpg."""
 
     exit_code = 6
 
@@ -56,6 +58,17 @@ class TrainingError(MiniGPTError):
 
 
 class Interrupted(MiniGPTError):
-    """Training was stopped by a signal after saving a checkpoint."""
+    """Training was stopped by a signal after saving a checkpoint (reported as `stopped ...`, not as an error)."""
 
     exit_code = 130
+
+
+def first_line(text: str, limit: int = 120) -> str:
+    """The first line of a library's message, for one of ours: cut at a word boundary, with " ...", if longer."""
+    lines = text.strip().splitlines()
+    first = " ".join(lines[0].split()) if lines else ""
+    if len(first) <= limit:
+        return first + (" ..." if len(lines) > 1 else "")
+    head = first[:limit + 1]
+    cut = head.rsplit(" ", 1)[0] if " " in head else first[:limit]
+    return cut.rstrip(" ,;:") + " ..."

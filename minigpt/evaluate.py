@@ -156,7 +156,7 @@ def evaluate_file(loaded: LoadedModel, path: Path, stride: int | None = None,
 def split_ids(loaded: LoadedModel, split: str) -> torch.Tensor:
     """The prepared token array of the data the checkpoint was trained on ('train' or 'val')."""
     if split not in ("train", "val"):
-        raise DataError(f"--split must be train or val, got {split!r}")
+        raise PromptError(f"--split must be train or val, got {split!r}")
     prepared = data.prepare(loaded.config.data, loaded.config.model.block_size,
                             base_vocab=checkpoint.base_vocabulary(loaded.payload))  # a fine-tuned run's ids
     trained_on = loaded.payload.get("data") or {}
@@ -234,13 +234,16 @@ def weights_and_grads(model: GPT, x: torch.Tensor, y: torch.Tensor) -> dict[str,
 
 
 def describe(loaded: LoadedModel) -> dict:
-    """What a checkpoint holds, as plain data: step, losses, size, vocabulary, data and config."""
+    """What a checkpoint holds, as plain data: corpus, step, losses, size, vocabulary, data and config."""
     from minigpt import config as config_mod
 
     p = loaded.payload
     best = p.get("best_val_loss")
+    sources = (p.get("data") or {}).get("sources") or []
     return {
         "checkpoint": p["path"],
+        # What it was trained on; config.name below is only the config file it was started from.
+        "corpus": data.corpus_name(sources) if sources else None,
         "step": p["step"],
         "best_val_loss": best,
         "best_val_bpc": best / LN2 if best is not None and math.isfinite(best) else None,

@@ -179,7 +179,8 @@ def resume_run(run: Run, payload: dict) -> None:
         budget.keep_resolved(run.cfg.train, payload["config"]["train"])
     check_resume(payload, run.cfg, run.tokenizer, run.say)
     checkpoint.restore(run, payload)
-    run.say(f"resuming {payload['path']} at step {run.step} (best val loss {run.best_val_loss:.4f})")
+    best = f"{run.best_val_loss:.4f}" if math.isfinite(run.best_val_loss) else "none yet"
+    run.say(f"resuming {payload['path']} at step {run.step} (best val loss {best})")
 
 
 def init_from(run: Run, payload: dict) -> None:

@@ -4,12 +4,18 @@ Figures are drawn with matplotlib's object API on the non-interactive Agg canvas
 no window, no global state). matplotlib is an optional extra (`pip install 'minigpt[plot]'`),
 imported only when a picture is asked for. The surprise view is also written as HTML, which
 needs nothing: each character is a span coloured by its bits, with the bits in its tooltip.
+
+A character the plot font cannot draw (CJK in the default DejaVu Sans, for example) is labelled
+by its code point, `U+4E2D`, instead of an empty box, and matplotlib's "Glyph ... missing from
+font" warnings are kept off stderr.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,35 @@ def visible(ch: str) -> str:
     if not ch.isprintable():
         return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
     return ch
+
+
+def plot_fonts(family: list[str] | None = None) -> list[Any]:
+    """The fonts matplotlib draws text of `family` with (default: rcParams font.family), in its order of fallback."""
+    from matplotlib import font_manager, rcParams
+
+    paths = []
+    for name in family or rcParams["font.family"]:
+        try:  # as matplotlib picks them: the best match of each listed family, none if it is not installed
+            paths.append(font_manager.findfont(font_manager.FontProperties(family=[name]), fallback_to_default=False))
+        except ValueError:
+            continue
+    return [font_manager.get_font(path) for path in dict.fromkeys(paths)]
+
+
+def plot_label(ch: str, fonts: list[Any]) -> str:
+    """A character as a picture label: made visible, or its code point (U+4E2D) where no font can draw it."""
+    label = visible(ch)
+    if all(any(font.get_char_index(ord(c)) for font in fonts) for c in label):
+        return label
+    return f"U+{ord(ch):04X}"
+
+
+@contextmanager
+def _no_glyph_warnings():
+    """Drawing: matplotlib warns once per glyph a font lacks; the labels already say those characters."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        yield
 
 
 def _matplotlib() -> tuple[Any, Any]:
@@ -66,7 +101,9 @@ def attention_figure(chars: list[str], maps: dict[tuple[int, int], np.ndarray], 
                  layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(layers), len(heads), squeeze=False)
-    labels = [visible(c) for c in chars]
+    fonts = plot_fonts()
+    labels = [plot_label(c, fonts) for c in chars]
+    long_labels = any(len(label) > 1 for label in labels)  # code points: written upwards, so they do not overlap
     fontsize = max(4.0, min(9.0, 300.0 / max(T, 1)))
     few = len(maps) <= 4 if label_all is None else label_all
     image = None
@@ -78,7 +115,7 @@ def attention_figure(chars: list[str], maps: dict[tuple[int, int], np.ndarray], 
             ax.tick_params(length=0)
             # A big grid labels only its outer edges: every panel shares the same characters.
             if few or r == len(layers) - 1:
-                ax.set_xticks(range(T), labels, fontsize=fontsize)
+                ax.set_xticks(range(T), labels, fontsize=fontsize, rotation=90 if long_labels else 0)
                 ax.set_xlabel("key (attended to)", fontsize=8)
             else:
                 ax.set_xticks([])
@@ -106,8 +143,11 @@ def surprise_figure(chars: list[str], bits: list[float], title: str = "") -> Any
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     image = ax.imshow(grid, cmap="Reds", vmin=0.0, vmax=MAX_BITS, aspect="auto", interpolation="nearest")
+    fonts = plot_fonts(["monospace"])
     for i, ch in enumerate(chars):
-        ax.text(i % cols, i // cols, visible(ch), ha="center", va="center", fontsize=8, family="monospace")
+        label = plot_label(ch, fonts)
+        ax.text(i % cols, i // cols, label, ha="center", va="center", fontsize=8 if len(label) == 1 else 4,
+                family="monospace")
     ax.set_xticks([])
     ax.set_yticks([])
     fig.colorbar(image, ax=ax, label="bits")
@@ -141,7 +181,8 @@ def save_figure(fig: Any, path: str | Path) -> Path:
         raise DataError(f"{path}: pictures are written as PNG; give a file name ending in .png")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        with _no_glyph_warnings():
+            fig.savefig(path, dpi=100)
     except OSError as exc:
         raise DataError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
@@ -149,7 +190,8 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 
 def figure_to_array(fig: Any) -> np.ndarray:
     """A drawn figure as an RGB image array (H, W, 3) of uint8, for TensorBoard."""
-    fig.canvas.draw()
+    with _no_glyph_warnings():
+        fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
 
 

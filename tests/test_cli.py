@@ -1,6 +1,9 @@
 """End to end through the real command line (subprocesses), as a user runs it."""
 
 import json
+import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -10,10 +13,11 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
 
 from minigpt import checkpoint
 
-from conftest import CONFIGS, run_cli, tiny_sets, write_corpus
+from conftest import CONFIGS, ROOT, run_cli, tiny_sets, write_corpus
 
 TAGS = {"train/loss", "val/loss", "val/bpc", "opt/lr", "opt/grad_norm", "perf/tokens_per_sec"}
 
@@ -84,22 +88,70 @@ def test_greedy_long_and_batched_samples(trained):
     assert batch.returncode == 0 and batch.stdout.count("\n-----\n") == 2
 
 
+def readme_commands() -> dict[str, set[str]]:
+    """The README's command table: each `minigpt COMMAND ...` row and the --options it names."""
+    rows = re.findall(r"^\| `minigpt ([a-z]+(?: show)?)(.*?)` \|", (ROOT / "README.md").read_text(), re.MULTILINE)
+    return {command: set(re.findall(r"--[a-z][a-z-]*", rest)) for command, rest in rows}
+
+
 def test_help_lists_every_command_and_option():
+    """`minigpt --help` lists exactly the README's commands; each command's --help shows every option it has
+    (with its help text) and every option the README names for it."""
+    from typer.main import get_command
+
+    from minigpt.cli import app
+
+    documented = readme_commands()
     top = run_cli("--help")
     assert top.returncode == 0
-    for command in ("train", "sample", "prepare", "config"):
-        assert command in top.stdout
-    train_help = run_cli("train", "--help").stdout
-    for option in ("--config", "--out-dir", "--device", "--set", "--resume", "--resume-from", "--overwrite", "--nproc",
-                   "--init-from"):
-        assert option in train_help
-    sample_help = run_cli("sample", "--help").stdout
-    for option in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--num-samples",
-                   "--seed", "--device", "--unknown"):
-        assert option in sample_help
-    assert "--force" in run_cli("prepare", "--help").stdout
+    listed = set(re.findall(r"^  ([a-z]+) ", top.stdout.split("Commands:")[1], re.MULTILINE))
+    assert listed == {command.split()[0] for command in documented}, (listed, documented)
+    assert len(documented) == 10
+    group = get_command(app)
+    runner = CliRunner()
+    for command, options in documented.items():
+        words = command.split()
+        cmd = group.commands[words[0]]
+        for word in words[1:]:
+            cmd = cmd.commands[word]
+        shown = runner.invoke(app, [*words, "--help"], prog_name="minigpt")
+        assert shown.exit_code == 0, shown.output
+        declared = {opt for param in cmd.params for opt in param.opts if opt.startswith("--")}
+        assert options <= declared, f"README names options `{command}` does not have: {options - declared}"
+        for param in cmd.params:
+            assert param.help, f"{command} {param.opts} has no help text"
+            for opt in param.opts:
+                assert re.search(rf"(^|[ ,]){re.escape(opt)}\b", shown.stdout, re.MULTILINE), f"{command} --help lacks {opt}"
     console_script = Path(sys.executable).parent / "minigpt"
     assert subprocess.run([str(console_script), "--help"], capture_output=True, text=True).returncode == 0
+
+
+def test_closed_stdout_is_a_normal_end(trained):
+    """`minigpt sample ... | head -c 100` under pipefail: sample stops promptly and exits 0 without a word."""
+    _, run, _ = trained
+    command = (f"{shlex.quote(sys.executable)} -m minigpt sample --checkpoint {shlex.quote(str(run))} -n 20000 "
+               "--no-cache | head -c 100")
+    start = time.monotonic()
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) == 100 and result.stderr == ""
+    assert time.monotonic() - start < 60  # 20,000 uncached characters would take minutes: it stopped at the pipe
+
+
+def test_demo_installs_the_plot_extra(tmp_path):
+    """scripts/demo.sh installs what its TensorBoard shows: the `plot` extra (matplotlib) for attention images."""
+    calls = tmp_path / "calls.txt"
+    for tool in ("python", "minigpt"):  # stand-ins that record their arguments
+        stub = tmp_path / tool
+        stub.write_text(f'#!/usr/bin/env bash\necho "{tool} $*" >> {shlex.quote(str(calls))}\n')
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), str(tmp_path / "none.yaml")],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    pip = [line for line in calls.read_text().splitlines() if line.startswith("python -m pip install")]
+    assert len(pip) == 1 and pip[0].endswith('-e .[plot]'), pip
+    assert any(line.startswith("minigpt train --config") for line in calls.read_text().splitlines())
 
 
 def test_config_show_prints_resolved_yaml(tmp_path):

@@ -52,7 +52,8 @@ def test_all_problems_reported_together(tmp_path):
     ("data:\n  val_fraction: 1.5\n", "data.val_fraction must be in (0, 1)"),
     ("model:\n  block_size: 0\n", "model.block_size must be positive"),
     ("data:\n  errors: maybe\n", "data.errors must be one of strict, replace, ignore"),
-    ("train:\n  device: tpu\n", "train.device must be one of auto, cpu, cuda, mps"),
+    ("train:\n  device: tpu\n", "train.device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    ("train:\n  device: cuda:x\n", "train.device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
     ("data:\n  encoding: klingon-8\n", "unknown text encoding"),
 ])
 def test_impossible_values(tmp_path, text, expected):
@@ -89,3 +90,15 @@ def test_run_dir_defaults_to_config_name(tmp_path):
     cfg = config.load(write(tmp_path, "train:\n  max_iters: 300\n"))
     assert cfg.run_dir() == Path("runs") / "c"
     assert config.load(write(tmp_path, ""), ["train.out_dir=elsewhere"]).run_dir() == Path("elsewhere")
+
+
+def test_device_may_name_one_gpu(tmp_path):
+    """--device cuda:1 (as --help offers) is a valid train.device; torchrun's processes refuse it by name."""
+    from minigpt import distributed
+    from minigpt.errors import DeviceError
+
+    p = write(tmp_path, "train:\n  device: cuda:1\n")
+    assert config.load(p).train.device == "cuda:1"
+    assert config.load(p, ["train.device=cuda:0"]).train.device == "cuda:0"
+    with pytest.raises(DeviceError, match="names one GPU"):  # distributed.py's cuda:N branch, reached from a config
+        distributed.process_device(config.load(p).train.device, 0)

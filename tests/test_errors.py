@@ -4,12 +4,13 @@ import random
 import warnings
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from minigpt import checkpoint
 from minigpt.cli import app
 from minigpt.device import available_devices
-from minigpt.errors import CheckpointError
+from minigpt.errors import CheckpointError, PromptError
 
 from conftest import CONFIGS, run_cli, tiny_sets, write_corpus
 
@@ -89,6 +90,24 @@ def test_corpus_not_utf8_names_byte_offset_and_errors_option_recovers(tmp_path):
     code, _, err = invoke(*train_args(tmp_path, corpus, "data.errors=replace", "train.max_iters=2",
                                       "train.eval_interval=2", "train.warmup_iters=0"))
     assert code == 0, err
+    assert f"note: {corpus} is not valid utf-8: 1 undecodable byte replaced by U+FFFD (data.errors=replace)" in err
+
+
+@pytest.mark.parametrize("errors, done", [("replace", "replaced by U+FFFD"), ("ignore", "dropped")])
+def test_errors_replace_and_ignore_say_how_many_bytes(tmp_path, errors, done):
+    """`prepare` names the count of bytes data.errors replaced or dropped: here 3 separate bad bytes, then 2 more."""
+    corpus = tmp_path / "bad.txt"
+    text = b"Good text, line after line.\n" * 200
+    corpus.write_bytes(text + b"\xff" + text + b"\xfe" + text + b"\xff")
+    args = ["prepare", "--config", str(CONFIGS / "tiny.yaml"), "--set", f"data.path={corpus}",
+            "--set", f"data.prepared_dir={tmp_path / 'p'}", "--set", f"data.errors={errors}"]
+    code, _, err = invoke(*args)
+    assert code == 0 and f"3 undecodable bytes {done} (data.errors={errors})" in err, err
+    corpus.write_bytes(corpus.read_bytes() + b"\xc3\xc3" + text)  # two truncated UTF-8 sequences
+    code, _, err = invoke(*args)
+    assert code == 0 and f"5 undecodable bytes {done}" in err, err
+    code, _, err = invoke(*args[:-2])  # strict (the default): an error instead
+    assert_one_line_error(code, err, "undecodable byte at offset", exit_code=3)
 
 
 def test_corpus_too_short_for_block_size(tmp_path):
@@ -156,17 +175,17 @@ def test_any_random_bytes_are_a_checkpoint_error_without_warnings(tmp_path):
 
 
 def test_unavailable_device_lists_available_ones(run, tmp_path):
-    """Devices this machine lacks (both cuda and mps on a CPU machine, mps on a GPU one) are refused, naming those it has."""
-    have = available_devices()
-    missing = [device for device in ("cuda", "mps") if device not in have]
-    assert missing  # no machine has both CUDA and MPS
+    missing = [device for device in ("cuda", "mps") if device not in available_devices()]
     for device in missing:
         code, _, err = invoke("sample", "--checkpoint", str(run), "--device", device)
-        assert_one_line_error(code, err, f"device '{device}' is not available", f"available: {', '.join(have)}",
-                              exit_code=5)
-    code, _, err = invoke("train", "--config", str(CONFIGS / "tiny.yaml"), "--device", missing[0],
-                          "--out-dir", str(tmp_path / "r"))
-    assert_one_line_error(code, err, "not available")
+        assert_one_line_error(code, err, f"device '{device}' is not available",
+                              f"available: {', '.join(available_devices())}", exit_code=5)
+    # cuda:N names a device (exit 5 where there is no such GPU), not a config mistake (exit 2).
+    absent = "device 'cuda:9' does not exist" if torch.cuda.is_available() else "device 'cuda:9' is not available"
+    for device, message in [("cuda", "not available")] * ("cuda" in missing) + [("cuda:9", absent)]:
+        code, _, err = invoke("train", "--config", str(CONFIGS / "tiny.yaml"), "--device", device,
+                              "--out-dir", str(tmp_path / "r"))
+        assert_one_line_error(code, err, message, exit_code=5)
 
 
 def test_unwritable_run_directory(tmp_path):
@@ -179,6 +198,76 @@ def test_unwritable_run_directory(tmp_path):
     assert_one_line_error(code, err, str(blocker / "run"))
 
 
-def test_debug_flag_shows_traceback(tmp_path):
+def test_debug_flag_shows_traceback_and_keeps_the_exit_code(tmp_path):
+    plain = run_cli("train", "--config", str(tmp_path / "missing.yaml"))
     result = run_cli("--debug", "train", "--config", str(tmp_path / "missing.yaml"))
-    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+    assert plain.returncode == result.returncode == 2 and "Traceback" not in plain.stderr
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == plain.stderr.strip()  # the same one-line message, last
+
+
+# ----------------------------------------------------------------------------- the command line itself
+
+@pytest.mark.parametrize("args, hint", [
+    (["config", "show", "--config", str(CONFIGS / "tiny.yaml"), "--set", "train.max_iters", "5"],
+     "--set takes key=value as one word, e.g. --set train.max_iters=5"),
+    (["bench", "--config", str(CONFIGS / "tiny.yaml"), "--json", "true"],
+     "--json is a flag and takes no value: drop 'true'"),
+    (["eval", "--checkpoint", "run", "--json", "false"], "--json is a flag and takes no value: drop 'false'"),
+    (["train", "--config", str(CONFIGS / "tiny.yaml"), "--resume", "yes"], "--resume is a flag"),
+    (["train", "--bogus"], "no such option: --bogus; see 'minigpt train --help'"),
+    (["train"], "missing option '--config'"),
+    (["sample", "--checkpoint", "run", "-n", "many"], "invalid value for '--max-new-tokens'"),
+    (["sampel"], "no such command 'sampel'"),
+])
+def test_usage_errors_are_one_line_with_a_hint(args, hint):
+    """Click's own errors (unknown option, stray word, missing or bad value): one line, a hint, exit code 2."""
+    result = runner.invoke(app, args, prog_name="minigpt")
+    assert_one_line_error(result.exit_code, result.stderr, hint, exit_code=2)
+    assert result.stdout == "" and "╭" not in result.stderr
+
+
+def test_help_shows_flags_as_flags():
+    """Bool options read as flags (`--json  Print ...`), not as options taking a value (`--json <bool>`)."""
+    for args in (["--help"], ["eval", "--help"], ["bench", "--help"], ["train", "--help"], ["sample", "--help"]):
+        result = runner.invoke(app, args, prog_name="minigpt")
+        assert result.exit_code == 0 and "Usage: minigpt" in result.stdout
+        assert "<bool>" not in result.stdout and "╭" not in result.stdout, result.stdout
+    assert any(line.split()[:2] == ["--json", "Print"] for line in runner.invoke(app, ["eval", "--help"]).stdout.splitlines())
+
+
+@pytest.mark.parametrize("args", [
+    ["attention", "--prompt", "All", "--out", "a.jpg"],
+    ["surprise", "--text", "All", "--out", "s.txt"],
+    ["eval", "--split", "test"],
+    ["plot", "--out", "loss.jpg"],
+    ["sample", "--prompt", "All", "--temperature", "-1"],
+])
+def test_option_mistakes_exit_6_with_or_without_debug(run, args):
+    """A wrong option value of a command that reads a model is exit code 6 (as README says), also with --debug."""
+    args = [args[0], "--run" if args[0] == "plot" else "--checkpoint", str(run), *args[1:]]
+    code, _, err = invoke(*args)
+    assert_one_line_error(code, err, exit_code=PromptError.exit_code)
+    debug = runner.invoke(app, ["--debug", *args])
+    assert debug.exit_code == PromptError.exit_code and "Traceback" in debug.stderr
+
+
+def test_damaged_checkpoint_message_is_cut_at_a_word(tmp_path, monkeypatch):
+    """torch's long messages are shortened for the one line, at a word boundary, never mid-word."""
+    import torch as torch_mod
+
+    words = "Weights only load failed. This file can still be loaded, to do so you have two options, do those " \
+            "steps only if you trust the source of the checkpoint. In PyTorch 2.6 we changed the default"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(words + "\nSecond line of details.")
+
+    monkeypatch.setattr(torch_mod, "load", fail)
+    path = tmp_path / "x.pt"
+    path.write_bytes(b"not empty")
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    shown = str(info.value).split("checkpoint (", 1)[1].rsplit(")", 1)[0]
+    assert shown.endswith(" ...") and len(shown) <= 124
+    kept = shown[:-4]
+    assert words.startswith(kept) and words[len(kept)] == " "  # ends where a word ends

@@ -1,25 +1,28 @@
 """Seeing inside the model: attention maps, surprise, exact bits per character, info, plots, TensorBoard.
 
-One tiny model is trained once for the whole file (a few dozen steps); every test reads it.
+One tiny model is trained once for the whole file (a few dozen steps); every test reads it. Without
+matplotlib only the tests that draw pictures are skipped.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import run_cli, tiny_config, write_corpus
+from conftest import CONFIGS, run_cli, tiny_config, tiny_sets, write_corpus
 from minigpt import evaluate, viz
 from minigpt.errors import PromptError
 from minigpt.sample import load_model
 from minigpt.train import train
 
-matplotlib_image = pytest.importorskip("matplotlib.image")
+pictures = pytest.mark.skipif(not viz.has_matplotlib(), reason="drawing pictures needs matplotlib (the plot extra)")
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"  # 61 characters, block_size 32
 
@@ -50,8 +53,10 @@ def loaded(run):
 
 
 def png_shape(path: Path) -> tuple[int, ...]:
+    from matplotlib import image
+
     assert path.is_file() and path.stat().st_size > 5_000, f"{path} missing or nearly empty"
-    return matplotlib_image.imread(path).shape
+    return image.imread(path).shape
 
 
 # ----------------------------------------------------------------------------- library
@@ -115,6 +120,7 @@ def test_exact_eval_equals_brute_force(loaded):
     assert all(j - owner[j] >= block - 16 for j in owner if j > block)  # enough context everywhere
 
 
+@pictures
 def test_surprise_picture(loaded, tmp_path):
     result = evaluate.surprise(loaded, TEXT)
     out = viz.save_figure(viz.surprise_figure(result.chars, result.bits), tmp_path / "s.png")
@@ -130,14 +136,23 @@ def test_surprise_html_escapes_and_shows_bits():
     assert viz.visible(" ") == "␣" and viz.visible("\n") == "↵" and viz.visible("\x01") == "\\x01"
 
 
-def test_tensorboard_holds_image_text_hparams_and_histograms(run):
+def events(run: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0, "histograms": 0})
     acc.Reload()
-    tags = acc.Tags()
-    images = acc.Images("attention/probe")
+    return acc
+
+
+@pictures
+def test_tensorboard_holds_attention_images(run):
+    images = events(run).Images("attention/probe")
     assert [e.step for e in images] == [6, 12] and images[0].width > 300 and images[0].height > 300
+
+
+def test_tensorboard_holds_text_hparams_and_histograms(run):
+    acc = events(run)
+    tags = acc.Tags()
     assert any(t.startswith("samples/text") for t in tags["tensors"])
     assert any(t.startswith("weights/") for t in tags["histograms"])
     assert any(t.startswith("grads/") for t in tags["histograms"])
@@ -150,6 +165,7 @@ def test_tensorboard_holds_image_text_hparams_and_histograms(run):
 
 # ----------------------------------------------------------------------------- the CLI
 
+@pictures
 def test_cli_attention(run, tmp_path):
     out = tmp_path / "att.png"
     done = cli("attention", "--checkpoint", str(run), "--prompt", TEXT, "--layer", "1", "--out", str(out))
@@ -198,6 +214,9 @@ def test_cli_info(run, loaded):
     done = cli("info", "--checkpoint", str(run))
     assert done.returncode == 0, done.stderr
     info = yaml.safe_load(done.stdout)
+    # The corpus it was trained on, which the run's name (the config file's, "tiny") does not tell.
+    assert info["corpus"] == loaded.payload["data"]["sources"][0] and info["corpus"].endswith("corpus.txt")
+    assert info["config"]["name"] == "tiny"
     assert info["step"] == 12 and info["vocab_size"] == loaded.tokenizer.vocab_size
     assert info["vocabulary"] == "".join(loaded.tokenizer.chars) and "\n" in info["vocabulary"]
     assert info["parameters"] == loaded.model.num_params(non_embedding=False)
@@ -207,6 +226,7 @@ def test_cli_info(run, loaded):
     assert bad.returncode == 4 and bad.stderr.startswith("error: checkpoint") and "Traceback" not in bad.stderr
 
 
+@pictures
 def test_cli_plot(run, tmp_path):
     out = tmp_path / "loss.png"
     done = cli("plot", "--run", str(run), "--out", str(out))
@@ -215,3 +235,45 @@ def test_cli_plot(run, tmp_path):
     assert (height, width) == (500, 800)
     bad = cli("plot", "--run", str(tmp_path), "--out", str(out))
     assert bad.returncode != 0 and "no TensorBoard event files" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- characters the font lacks
+
+CJK = "中文的文字，" * 4 + "abc\n"
+
+
+@pictures
+def test_labels_show_code_points_for_characters_the_font_lacks():
+    """DejaVu Sans (matplotlib's own font) has no CJK: those labels read U+4E2D, drawing warns about nothing."""
+    from matplotlib import rc_context
+
+    chars = list("中a ")
+    maps = {(0, 0): np.tril(np.ones((3, 3))) / np.arange(1, 4)[:, None]}
+    with rc_context({"font.family": ["DejaVu Sans"]}), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a glyph warning would fail the test
+        fonts = viz.plot_fonts()
+        assert not any(font.get_char_index(ord("中")) for font in fonts)  # the premise: the font lacks it
+        figure = viz.attention_figure(chars, maps)
+        viz.figure_to_array(figure)
+        viz.figure_to_array(viz.surprise_figure(chars, [1.0, 2.0]))
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["U+4E2D", "a", "␣"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["U+4E2D", "a", "␣"]
+
+
+@pictures
+def test_training_and_attention_on_cjk_text_keep_stderr_clean(tmp_path):
+    """Training (its attention/probe images) and `attention` on Chinese text: no glyph warnings on stderr."""
+    corpus = write_corpus(tmp_path / "cjk.txt", repeats=40, text=CJK)
+    args = ["train", "--config", str(CONFIGS / "tiny.yaml")]
+    for s in tiny_sets(tmp_path, corpus) + ["train.max_iters=2", "train.eval_interval=2", "train.eval_iters=1",
+                                            "train.warmup_iters=0", "train.sample_chars=0", "model.block_size=16"]:
+        args += ["--set", s]
+    trained = cli(*args)
+    assert trained.returncode == 0, trained.stderr
+    assert "Glyph" not in trained.stderr and "missing from font" not in trained.stderr, trained.stderr
+    assert [e.step for e in events(tmp_path / "run").Images("attention/probe")] == [2]
+    out = tmp_path / "att.png"
+    drawn = cli("attention", "--checkpoint", str(tmp_path / "run"), "--prompt", "中文的文字", "--out", str(out))
+    assert drawn.returncode == 0 and drawn.stderr.strip() == f"wrote {out}", drawn.stderr
+    png_shape(out)

@@ -166,11 +166,32 @@ def test_seeded_sampling_with_and_without_cache_is_reproducible(device):
     assert cached == sample(loaded(model), "ab", 40, 0.8, 5, num_samples=2, seed=1)
 
 
-def test_training_mode_uses_the_module_path():
-    """With dropout active (training mode) generate still runs, via model() rather than lean_forward."""
+def test_training_mode_uses_the_module_path(monkeypatch):
+    """With dropout active (training mode) generate runs model(ids, kv_cache=...), never the lean Decoder; in eval
+    mode the Decoder runs and the module path does not (so the recording below can tell the two apart)."""
+    from minigpt import sample as sample_mod
+
+    calls = {"module": 0, "decoder": 0}
+    real_forward = GPT.forward
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        calls["module"] += kv_cache is not None
+        return real_forward(self, idx, targets, kv_cache)
+
+    class RecordingDecoder(Decoder):
+        def __init__(self, *args, **kwargs):
+            calls["decoder"] += 1
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    monkeypatch.setattr(sample_mod, "Decoder", RecordingDecoder)
     model = make_model(block_size=8, dtype=torch.float32).train()
     out = greedy(model, [[1]], 20, use_cache=True)
     assert len(out[0]) == 20
+    assert calls["decoder"] == 0 and calls["module"] >= 20  # one cached forward per new character (plus rebuilds)
+    calls.update(module=0, decoder=0)
+    greedy(model.eval(), [[1]], 20, use_cache=True)
+    assert calls["decoder"] == 1 and calls["module"] == 0
 
 
 def test_cached_steps_run_on_one_cpu_thread_fills_and_uncached_on_all(monkeypatch):

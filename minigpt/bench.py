@@ -297,14 +297,13 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
         default_dtype = default_run.precision.dtype  # the peak MFU is taken against, for the default settings
         peak_default = peak if default_dtype == torch.float32 else matmul_peak_gflops(device, dtype=default_dtype)
         compare_training([default, eager], device, warmup_steps, rounds, round_seconds)
-        default.compiled = device_mod.is_compiled(default.step_model)  # False if the compile failed and ran eager
         train_rss = peak_rss_mb()
         flops = train_flops_per_token(default_run.model)
         default_tps = default_run.tokens_per_step / default.best_step_s
         eager_tps = eager.run.tokens_per_step / eager.best_step_s
         compile_s = max(0.0, default.warmup_s - warmup_steps * default.best_step_s) if default_run.compiled else 0.0
         report.update({
-            "dtype": default_run.precision.name, "compile": default_run.compiled,
+            "dtype": default_run.precision.name, "compile": default_run.compiled, "optimizer": cfg.train.optimizer,
             "fused_attention": default_run.fused_attention,
             "params": default_run.model.num_params(), "train_flops_per_token": flops,
             "matmul_peak_gflops": peak, "matmul_peak_gflops_default_dtype": peak_default,
@@ -344,7 +343,7 @@ def _with_train(cfg: Config, **changes) -> Config:
 
 ROWS = [  # (key, label, format)
     ("device", "device", "{}"), ("threads", "threads", "{}"), ("torch_version", "torch", "{}"),
-    ("dtype", "default dtype", "{}"), ("compile", "default compile", "{}"),
+    ("dtype", "default dtype", "{}"), ("compile", "default compile", "{}"), ("optimizer", "optimizer", "{}"),
     ("params", "parameters (no wpe)", "{:,}"), ("matmul_peak_gflops", "matmul peak fp32", "{:,.1f} GFLOP/s"),
     ("matmul_peak_gflops_default_dtype", "matmul peak, default dtype", "{:,.1f} GFLOP/s"),
     ("train_tokens_per_s", "train, default settings", "{:,.0f} tokens/s"),

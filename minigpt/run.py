@@ -64,7 +64,6 @@ class Run:
     tokens: dict[str, np.ndarray]  # "train" and "val" token arrays (memory-mapped)
     data_meta: dict  # what data.prepare recorded about the corpus
     fused_attention: bool
-    compiled: bool = False
     step: int = 0  # optimizer steps taken
     best_val_loss: float = math.inf
     tracker: Tracker | None = None  # TensorBoard and the progress bar (disabled on ranks other than 0)
@@ -77,6 +76,11 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.world.device
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the forward pass runs compiled (False too after a failed compile fell back to eager)."""
+        return device_mod.is_compiled(self.step_model)
 
     @property
     def run_dir(self) -> Path:
@@ -129,7 +133,6 @@ def compile_and_wrap(run: Run) -> None:
     """Set the module that runs the forward pass: compiled if train.compile says so, in DDP under torchrun."""
     if device_mod.resolve_compile(run.cfg.train.compile, run.device):
         run.step_model = device_mod.compile_model(run.model, run.device)  # falls back to eager with a note
-        run.compiled = run.step_model is not run.model
     run.step_model = run.world.wrap(run.step_model)
 
 
@@ -284,7 +287,7 @@ def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None
               f"evaluation, {measured.elapsed_s:.1f} s to start)") if measured else ""
     run.say(f"minigpt: {t.max_iters} steps{fitted}, {run.model.num_params() / 1e6:.2f}M parameters, "
             f"{run.tokens_per_step} tokens/step, device {run.device}, dtype {run.precision.name}, "
-            f"{'fused' if run.fused_attention else 'explicit'} attention, {t.optimizer}, "
+            f"{'fused' if run.fused_attention else 'explicit'} attention{', compiled' if run.compiled else ''}, {t.optimizer}, "
             f"{torch.get_num_threads()} threads, vocab {run.tokenizer.vocab_size}, "
             f"{run.data_meta['train_tokens']:,} train / {run.data_meta['val_tokens']:,} val characters -> {run.run_dir}")
     if run.step >= t.max_iters:

@@ -93,6 +93,7 @@ def test_full_benchmark_report_is_consistent(tmp_path):
         assert key in report, key
     auto = device_mod.resolve_precision("auto", torch.device("cpu"))
     assert report["device"] == "cpu" and report["dtype"] == auto.name and report["compile"] is False
+    assert report["optimizer"] == cfg.train.optimizer and "optimizer" in bench.format_table(report)
     assert report["fused_attention"] is device_mod.resolve_fused_attention("auto", torch.device("cpu"), auto)
     assert report["speedup_vs_eager"] == report["train_tokens_per_s"] / report["train_tokens_per_s_eager_fp32"]
     peak, peak_default = report["matmul_peak_gflops"] * 1e9, report["matmul_peak_gflops_default_dtype"] * 1e9

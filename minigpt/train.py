@@ -29,7 +29,7 @@ from minigpt.config import Config, TrainConfig
 from minigpt.distributed import World, current_world, per_rank_batch
 from minigpt.errors import CheckpointError, Interrupted, TrainingError
 from minigpt.model import GPT
-from minigpt.sample import generate
+from minigpt.sample import generate, sample_command
 from minigpt.tracking import Tracker, flat_hparams, log, log_inspection
 
 SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias")
@@ -360,7 +360,7 @@ def _train(cfg: Config, world: World, resume: str | bool, overwrite: bool, progr
         tracker.close()
     if world.is_main:
         log(f"done: step {step}, best val loss {best_val:.4f} ({best_val / math.log(2):.4f} bits/char); "
-            f"checkpoints in {run_dir}\n  sample:      minigpt sample --checkpoint {run_dir} --prompt \"ROMEO:\"\n"
+            f"checkpoints in {run_dir}\n  sample:      {sample_command(run_dir, tokenizer.decode(tokens['val'][:256]))}\n"
             f"  tensorboard: tensorboard --logdir {run_dir.parent}")
     return TrainResult(run_dir=run_dir, step=step, best_val_loss=best_val, history=history)
 

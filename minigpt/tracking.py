@@ -27,6 +27,17 @@ def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def progress_bar_class() -> type[tqdm]:
+    """tqdm's auto mode: a widget in a Jupyter notebook that has ipywidgets, else the text bar (which a
+    notebook also draws as one clean line, since it honours carriage returns)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tqdm.auto warns when a notebook lacks ipywidgets; the text bar is fine
+        from tqdm.auto import tqdm as auto_tqdm
+    return auto_tqdm
+
+
 class Tracker:
     """TensorBoard writer plus a tqdm progress bar; a disabled tracker (non-main ranks) does nothing."""
 
@@ -44,7 +55,7 @@ class Tracker:
         # steps beyond its checkpoint, or (start_step 0) a run that was killed before its first
         # checkpoint or is being overwritten.
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+        self.bar = progress_bar_class()(total=total_steps, initial=start_step, desc="train", unit="step",
                         file=sys.stderr, dynamic_ncols=True, disable=not progress, mininterval=0.5)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -145,28 +145,27 @@ def sample(
         sys.stdout.write("\n\n-----\n\n".join(texts) + "\n")
 
 
-def _converse(conversation) -> None:
-    """Read lines from stdin and stream the model's continuation of each, until Ctrl-D or an empty line."""
-    while True:
-        sys.stderr.write("> ")
-        sys.stderr.flush()
-        try:
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            line = ""
-        line = line.rstrip("\n")
-        if not line:
-            sys.stderr.write("\n")
-            return
-        try:
-            for piece in conversation.reply(line):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except PromptError as exc:  # a line the model cannot read: say so and go on
-            typer.echo(f"error: {exc}", err=True)
-            continue
+def _converse(conversation: "api.Conversation") -> None:
+    """Read lines from stdin and stream the model's continuation of each, until Ctrl-D, an empty line or Ctrl-C."""
+    try:
+        while True:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline().rstrip("\n")
+            if not line:
+                break
+            try:
+                for piece in conversation.reply(line):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except PromptError as exc:  # a line the model cannot read: say so and go on
+                typer.echo(f"error: {exc}", err=True)
+                continue
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
         sys.stdout.write("\n")
-        sys.stdout.flush()
+    sys.stderr.write("\n")
 
 
 @app.command()

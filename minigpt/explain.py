@@ -78,16 +78,17 @@ class Explanation:
         `max_channels` channels (to_dict and --json hold everything)."""
         T = len(self.chars)
         first = max(0, T - max_positions)
-        lines = [f"explain: layer {self.layer}, head {self.head} of {self.n_head}, on {T} characters "
-                 f"{''.join(self.chars)!r}"]
+        title = f"explain: layer {self.layer}, head {self.head} of {self.n_head}, on {T} characters {''.join(self.chars)!r}"
+        lines = [title]
         if first:
             lines.append(f"(tables show positions {first}..{T - 1}; --json has all {T})")
         for number, step in enumerate(self.steps, 1):
             shape = " x ".join(str(n) for n in step.value.shape)
             lines += ["", f"{number}. {step.title}  ({shape})"]
             lines += _table(step, self.chars, first, max_channels, decimals)
-        lines += ["", f"{len(self.steps) + 1}. next character after {visible(self.chars[-1])!r}: the MLP, "
-                      f"the later blocks, ln_f, lm_head and a softmax give"]
+        last = (f"{len(self.steps) + 1}. next character after {visible(self.chars[-1])!r}: the MLP, "
+                "the later blocks, ln_f, lm_head and a softmax give")
+        lines += ["", last]
         lines += [f"   {visible(c)!r:>6}  {p:.3f}" for c, p in self.next_chars]
         return "\n".join(lines)
 

@@ -11,14 +11,15 @@ import json
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import CONFIGS, run_cli, write_corpus
+from typer.testing import CliRunner
 
 import minigpt
-from conftest import CONFIGS, run_cli, tiny_sets, write_corpus
+from minigpt.cli import app
 from minigpt.errors import ConfigError, PromptError
 
 
@@ -46,7 +47,14 @@ def model(trained):
     return minigpt.load(trained[0].run_dir, device="cpu")
 
 
-def cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in this process (Typer's runner): the same code path as the console script, without a new interpreter."""
+    result = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def real_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a real subprocess, reading `input` from its stdin."""
     return run_cli(*args, env={"OMP_NUM_THREADS": "1"}, input=input)
 
 
@@ -175,7 +183,7 @@ def test_interactive_session_through_a_real_subprocess(model, trained):
     """Two turns then an empty line; a line with unknown characters is refused and the session goes on."""
     run = str(trained[0].run_dir)
     options = dict(max_new_tokens=30, temperature=0.8, seed=11)
-    done = cli("sample", "--checkpoint", run, "--interactive", "-n", "30", "--seed", "11",
+    done = real_cli("sample", "--checkpoint", run, "--interactive", "-n", "30", "--seed", "11",
                input="All:\nSpeak~\nFirst\n\nnever read\n")
     assert done.returncode == 0, done.stderr
     chat = model.conversation(**options)
@@ -184,7 +192,7 @@ def test_interactive_session_through_a_real_subprocess(model, trained):
     assert done.stdout == first + "\n" + second + "\n"  # the line after the empty one is never read
     assert "error: 1 character(s) not in the model's vocabulary: '~'" in done.stderr
     # Ctrl-D (end of input) ends the session too.
-    eof = cli("sample", "--checkpoint", run, "-i", "-n", "5", input="All:")
+    eof = real_cli("sample", "--checkpoint", run, "-i", "-n", "5", input="All:")
     assert eof.returncode == 0 and len(eof.stdout) == 5 + 1
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import ROOT
 from jupyter_client import KernelManager
 from nbclient import NotebookClient
-
-from conftest import ROOT
 
 KERNEL = "minigpt-test"
 

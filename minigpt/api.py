@@ -15,6 +15,7 @@ only when a model is loaded or trained, so `import minigpt` (and the CLI's start
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
@@ -192,13 +193,13 @@ class Model:
         from minigpt import sample
 
         check_unknown(unknown)
-        pieces = sample.stream(self.loaded, prompt, max_new_tokens, temperature, top_k, 1, seed, unknown, use_cache,
-                               top_p, stop_list(stop))
-        _, start = next(pieces)  # the prompt as the model reads it
-        if include_prompt:
-            yield start
-        for _, piece in pieces:
-            yield piece
+        with closing(sample.stream(self.loaded, prompt, max_new_tokens, temperature, top_k, 1, seed, unknown,
+                                   use_cache, top_p, stop_list(stop))) as pieces:
+            _, start = next(pieces)  # the prompt as the model reads it
+            if include_prompt:
+                yield start
+            for _, piece in pieces:
+                yield piece
 
     def generate_many(self, prompt: str = PROMPT, num_samples: int = 2, max_new_tokens: int = MAX_NEW_TOKENS,
                       temperature: float = TEMPERATURE, top_k: int | None = None, top_p: float | None = None,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -369,14 +369,15 @@ def stream(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: f
     for i in range(num_samples):
         yield i, start
     filters = [StopFilter(stop) for _ in range(num_samples)]
-    for next_id in generate(loaded.model, idx, max_new_tokens, temperature, top_k, generator, use_cache, top_p):
-        for i, token in enumerate(next_id[:, 0].tolist()):
-            if not filters[i].stopped:
-                piece = filters[i].feed(loaded.tokenizer.chars[token])
-                if piece:
-                    yield i, piece
-        if all(f.stopped for f in filters):
-            return
+    with closing(generate(loaded.model, idx, max_new_tokens, temperature, top_k, generator, use_cache, top_p)) as ids:
+        for next_id in ids:  # closing: a stop (or a caller that stops reading) ends generate() and restores threads
+            for i, token in enumerate(next_id[:, 0].tolist()):
+                if not filters[i].stopped:
+                    piece = filters[i].feed(loaded.tokenizer.chars[token])
+                    if piece:
+                        yield i, piece
+            if all(f.stopped for f in filters):
+                return
     for i, f in enumerate(filters):
         rest = f.flush()
         if rest:

@@ -286,3 +286,18 @@ def test_example_prompt_is_a_whole_line_from_the_text():
     assert example_prompt("ther.\n\nGREMIO:\nGood morrow, neighbour\n") == "GREMIO:"
     assert example_prompt("and so\nit goes on and on and on and on forever\nx\n") == "it goes on and on and on"
     assert example_prompt("no newline at all") == "no newline at all"
+
+
+def test_a_stop_or_a_reader_that_stops_early_restores_the_thread_count():
+    model = make_model(block_size=16, dtype=torch.float32)
+    torch.set_num_threads(2)  # the autouse fixture restores its own setting afterwards
+    full = sample(loaded(model), "ab", 30, 1.0, None, 1, seed=5)[0]
+    sample(loaded(model), "ab", 30, 1.0, None, 1, seed=5, stop=[full[5]])
+    assert torch.get_num_threads() == 2
+    from minigpt.sample import stream
+
+    pieces = stream(loaded(model), "ab", 30, 1.0, None, 1, seed=5)
+    next(pieces), next(pieces)  # the prompt and one character: generation is under way, on one thread
+    assert torch.get_num_threads() == 1
+    pieces.close()
+    assert torch.get_num_threads() == 2

@@ -21,6 +21,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import typer
 from typer.core import TyperGroup
 
+from minigpt import api
 from minigpt.errors import Interrupted, MiniGPTError, PromptError, TrainingError
 
 try:  # typer >= 0.2x carries its own copy of click
@@ -151,20 +152,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback o
 
 
 def _load_config(path: Path, overrides: Optional[List[str]], device: Optional[str] = None, out_dir: Optional[Path] = None):
-    from minigpt import config
-
-    extra = list(overrides or [])
-    if device:
-        extra.append(f"train.device={device}")
-    if out_dir:
-        extra.append(f"train.out_dir={out_dir}")
-    return config.load(path, extra)
-
-
-def _device(name: str):
-    from minigpt.device import resolve_device
-
-    return resolve_device(name)
+    return api.resolve_config(path, overrides, device=device or None, out_dir=out_dir or None)
 
 
 def _train_args(config: Path, out_dir: Optional[Path], device: Optional[str], set_: Optional[List[str]],
@@ -201,7 +189,6 @@ def train(
 ) -> None:
     """Train a model from a YAML config (prepares the data first if needed)."""
     from minigpt.distributed import check_launch, launch
-    from minigpt.train import train as run_training
 
     if time_budget is not None:
         set_ = list(set_ or []) + [f"train.time_budget={time_budget}"]
@@ -213,40 +200,67 @@ def train(
             _ignore_further_interrupts()
         raise typer.Exit(code)
     hint = shlex.join(["minigpt"] + _train_args(config, out_dir, device, set_, True, None, False))
-    run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite, resume_hint=hint,
-                 init_from=str(init_from) if init_from else None)
+    api.train(cfg, resume=resume_from or resume, overwrite=overwrite, resume_hint=hint, init_from=init_from)
 
 
 @app.command()
 @user_errors
 def sample(
     checkpoint: Path = CheckpointOpt,
-    prompt: str = typer.Option("\n", "--prompt", "-p", help="Text to continue (empty: start from a newline)."),
-    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", help="Characters to generate."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Randomness; 0 is greedy, 1 samples the model's distribution."),
+    prompt: str = typer.Option(api.PROMPT, "--prompt", "-p", help="Text to continue (empty: start from a newline)."),
+    max_new_tokens: int = typer.Option(api.MAX_NEW_TOKENS, "--max-new-tokens", "-n", help="Characters to generate (at most)."),
+    temperature: float = typer.Option(api.TEMPERATURE, "--temperature", "-t", help="Randomness; 0 is greedy, 1 samples the model's distribution."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample only among the k most likely characters."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample only among the most likely characters that together have probability P (nucleus)."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End when the text ends with TEXT, which is not printed (repeatable)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Independent samples, generated in one batch."),
-    seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed gives the same text."),
+    seed: int = typer.Option(api.SEED, "--seed", help="Random seed: the same seed gives the same text."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Take turns: type a line, the model continues it (Ctrl-D or an empty line ends)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error, skip or replace."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context for every character (slower)."),
 ) -> None:
     """Write text with a trained model; the text streams to stdout."""
-    from minigpt.sample import check_options, sample as run_sample
+    from minigpt.sample import check_options
 
-    check_options(max_new_tokens, temperature, top_k, num_samples)
-    loaded = _load_checkpoint(checkpoint, device, unknown)
-
-    def stream(_: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    texts = run_sample(loaded, prompt, max_new_tokens, temperature, top_k, num_samples, seed, unknown,
-                       use_cache=not no_cache, on_text=stream)
-    if num_samples == 1:
+    check_options(max_new_tokens, temperature, top_k, num_samples, top_p, api.stop_list(stop))
+    if interactive and num_samples != 1:
+        raise PromptError("--interactive writes one continuation at a time; leave out --num-samples")
+    model = _load_checkpoint(checkpoint, device, unknown)
+    options = dict(top_k=top_k, top_p=top_p, stop=stop, seed=seed, unknown=unknown, use_cache=not no_cache)
+    if interactive:
+        _converse(model.conversation(max_new_tokens, temperature, **options))
+    elif num_samples == 1:
+        for piece in model.stream(prompt, max_new_tokens, temperature, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
         sys.stdout.write("\n")
     else:
+        texts = model.generate_many(prompt, num_samples, max_new_tokens, temperature, **options)
         sys.stdout.write("\n\n-----\n\n".join(texts) + "\n")
+
+
+def _converse(conversation: "api.Conversation") -> None:
+    """Read lines from stdin and stream the model's continuation of each, until Ctrl-D, an empty line or Ctrl-C."""
+    try:
+        while True:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline().rstrip("\n")
+            if not line:
+                break
+            try:
+                for piece in conversation.reply(line):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except PromptError as exc:  # a line the model cannot read: say so and go on
+                typer.echo(f"error: {exc}", err=True)
+                continue
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+    sys.stderr.write("\n")
 
 
 @app.command()
@@ -292,13 +306,10 @@ def _check_out(out: Optional[Path], suffixes: tuple[str, ...], what: str) -> Non
         raise PromptError(f"--out {out}: {what} is written as {' or '.join(suffixes)}; give a file name ending in {suffixes[0]}")
 
 
-def _load_checkpoint(checkpoint: Path, device: str, unknown: str):
+def _load_checkpoint(checkpoint: Path, device: str, unknown: str) -> "api.Model":
     """The model of a checkpoint on `device`, after checking the --unknown policy."""
-    from minigpt.sample import load_model
-
-    if unknown not in ("error", "skip", "replace"):
-        raise PromptError(f"--unknown must be error, skip or replace, got {unknown!r}")
-    return load_model(str(checkpoint), _device(device))
+    api.check_unknown(unknown)
+    return api.load(checkpoint, device)
 
 
 @app.command()
@@ -314,14 +325,14 @@ def attention(
 ) -> None:
     """Draw the causal attention weights of a prompt: one heatmap per layer and head."""
     _check_out(out, (".png",), "the attention picture")
-    from minigpt import evaluate, viz
+    from minigpt import viz
 
-    loaded = _load_checkpoint(checkpoint, device, unknown)
-    result = evaluate.attention(loaded, prompt, layer, head, unknown)
+    model = _load_checkpoint(checkpoint, device, unknown)
+    result = model.attention_maps(prompt, layer, head, unknown)
     if result.dropped:
-        typer.echo(f"note: the prompt is longer than block_size {loaded.config.model.block_size}; "
+        typer.echo(f"note: the prompt is longer than block_size {model.config.model.block_size}; "
                    f"drawing its last {len(result.chars)} characters", err=True)
-    figure = viz.attention_figure(result.chars, result.maps, title=f"attention of {loaded.payload['path']}")
+    figure = viz.attention_figure(result.chars, result.maps, title=f"attention of {model.path}")
     typer.echo(f"wrote {viz.save_figure(figure, out)}", err=True)
 
 
@@ -340,16 +351,14 @@ def surprise(
     if (text is None) == (file is None):
         raise PromptError("pass exactly one of --text TEXT or --file FILE")
     _check_out(out, (".html", ".htm", ".png"), "the surprise view")
-    from minigpt import evaluate, viz  # imported after the checks: torch is slow to import
+    from minigpt import viz  # imported after the checks: torch is slow to import
 
-    loaded = _load_checkpoint(checkpoint, device, unknown)
-    if file is not None:
-        text = evaluate.read_text_file(loaded, file)
-    result = evaluate.surprise(loaded, text, stride, unknown)
+    model = _load_checkpoint(checkpoint, device, unknown)  # torch is imported after the checks: it is slow to import
+    result = model.surprise(text, file=file, stride=stride, unknown=unknown)
     if out is not None and out.suffix.lower() == ".png":
         viz.save_figure(viz.surprise_figure(result.chars, result.bits), out)
     elif out is not None:
-        viz.write_text(out, viz.surprise_html(result.chars, result.bits, title=f"surprise of {loaded.payload['path']}"))
+        viz.write_text(out, viz.surprise_html(result.chars, result.bits, title=f"surprise of {model.path}"))
     if out is not None:
         typer.echo(f"wrote {out}", err=True)
     typer.echo(f"{result.mean_bits:.4f} bits/char over {len(result.bits)} characters")
@@ -373,13 +382,8 @@ def eval_(
         raise PromptError("pass either --file FILE or --split val, not both")
     if split not in (None, "train", "val"):
         raise PromptError(f"--split must be train or val, got {split!r}")
-    from minigpt import evaluate  # imported after the checks: torch is slow to import
-
-    loaded = _load_checkpoint(checkpoint, device, unknown)
-    if file is not None:
-        result = evaluate.evaluate_file(loaded, file, stride, unknown)
-    else:
-        result = evaluate.evaluate_split(loaded, split or "val", stride)
+    model = _load_checkpoint(checkpoint, device, unknown)  # torch is imported after the checks: it is slow to import
+    result = model.evaluate(file=file, split=None if file is not None else split or "val", stride=stride, unknown=unknown)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     else:
@@ -389,14 +393,31 @@ def eval_(
 
 @app.command()
 @user_errors
+def explain(
+    checkpoint: Path = CheckpointOpt,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to follow through the head (its last block_size characters)."),
+    layer: int = typer.Option(0, "--layer", help="Layer of the head (0-based)."),
+    head: int = typer.Option(0, "--head", help="Head within the layer (0-based)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every number as JSON instead of rounded tables."),
+    device: str = InspectDeviceOpt,
+    unknown: str = UnknownOpt,
+) -> None:
+    """Follow one attention head through its steps on a prompt: embeddings to next-character distribution."""
+    import json
+
+    model = _load_checkpoint(checkpoint, device, unknown)
+    explanation = model.explain(prompt, layer, head, unknown)
+    typer.echo(json.dumps(explanation.to_dict()) if as_json else explanation.to_text())
+
+
+@app.command()
+@user_errors
 def info(checkpoint: Path = CheckpointOpt) -> None:
     """Print what a checkpoint holds: config, size, vocabulary, step, best val loss, data (YAML)."""
     import yaml
 
-    from minigpt import evaluate
-
-    loaded = _load_checkpoint(checkpoint, "cpu", "error")
-    typer.echo(yaml.safe_dump(evaluate.describe(loaded), sort_keys=False, allow_unicode=True), nl=False)
+    model = _load_checkpoint(checkpoint, "cpu", "error")
+    typer.echo(yaml.safe_dump(model.info(), sort_keys=False, allow_unicode=True), nl=False)
 
 
 @app.command()

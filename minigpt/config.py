@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Union
 
 import yaml
 
@@ -269,16 +269,25 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.learning_rate=3e-4")
     dotted, value_text = text.split("=", 1)
-    parts = dotted.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.max_iters=100")
+    section, key = split_key(dotted, f"--set {text!r}")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "3e-4" as a string; users mean a number
-    return parts[0], parts[1], value
+    return section, key, value
+
+
+def split_key(dotted: str, shown: str) -> tuple[str, str]:
+    """'section.key' -> (section, key); `shown` names the override in the error."""
+    parts = str(dotted).strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{shown}: the key must be section.key, e.g. train.max_iters=100")
+    return parts[0], parts[1]
+
+
+Overrides = Union[list[str], Mapping[str, Any]]  # --set strings, or from Python {"train.max_iters": 100}
 
 
 def _looks_like_float(text: str) -> bool:
@@ -289,15 +298,27 @@ def _looks_like_float(text: str) -> bool:
     return text.strip().lower() not in {"nan", "inf", "-inf", "+inf", "infinity"}
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Return a copy of the raw YAML mapping with `--set` overrides applied (validated later)."""
+def apply_overrides(raw: dict, overrides: Overrides) -> dict:
+    """Return a copy of the raw YAML mapping with overrides applied (validated later).
+
+    `--set` strings are parsed as YAML scalars; the values of a mapping are used as they are."""
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for text in overrides:
-        section, key, value = parse_override(text)
+    if isinstance(overrides, Mapping):
+        items = [(*split_key(dotted, f"override {dotted!r}"), value) for dotted, value in overrides.items()]
+    else:
+        items = [parse_override(text) for text in overrides]
+    for section, key, value in items:
         if not isinstance(merged.get(section), dict):
             merged[section] = {}
         merged[section][key] = value
     return merged
+
+
+def describe_overrides(overrides: Overrides) -> str:
+    """Overrides as a user wrote them, for the source named in an error."""
+    if isinstance(overrides, Mapping):
+        return ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    return ", ".join(overrides)
 
 
 def read_yaml(path: Path) -> dict:
@@ -324,11 +345,11 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load(path: str | Path, overrides: Overrides | None = None) -> Config:
     """Load, override and validate a config file; the run name defaults to the file's stem."""
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])
-    source = f"{path} with --set {', '.join(overrides)}" if overrides else str(path)  # a typo may be in either
+    source = f"{path} with --set {describe_overrides(overrides)}" if overrides else str(path)  # a typo may be in either
     return from_dict(raw, source=source, name=path.stem)
 
 

@@ -182,7 +182,7 @@ class Attention:
     dropped: int  # characters cut from the front of a prompt longer than block_size
 
 
-def _pick(value: int | None, count: int, name: str) -> list[int]:
+def pick(value: int | None, count: int, name: str) -> list[int]:
     """All indices 0..count-1, or the one chosen, checked against the range."""
     if value is None:
         return list(range(count))
@@ -195,7 +195,7 @@ def attention(loaded: LoadedModel, prompt: str, layer: int | None = None, head: 
               unknown: UnknownPolicy = "error") -> Attention:
     """The explicit-path attention weights of `prompt` (its last block_size characters)."""
     c = loaded.config.model
-    layers, heads = _pick(layer, c.n_layer, "layer"), _pick(head, c.n_head, "head")
+    layers, heads = pick(layer, c.n_layer, "layer"), pick(head, c.n_head, "head")
     ids = loaded.tokenizer.encode(prompt, unknown)
     if not ids:
         raise PromptError("the prompt is empty; pass some text with --prompt")

@@ -1,7 +1,9 @@
-"""Generating text from a trained model: temperature, top-k, a KV cache, streaming.
+"""Generating text from a trained model: temperature, top-k, top-p, stop strings, a KV cache, streaming.
 
 Each step turns the logits of the last position into a distribution (divide by the temperature,
-keep the top k, softmax) and draws the next character; temperature 0 means greedy (argmax).
+keep the top k, softmax, keep the nucleus of probability top_p) and draws the next character;
+temperature 0 means greedy (argmax). Generation ends after max_new_tokens characters, or as soon
+as the text ends with a stop string (which is not part of the result).
 
 With the KV cache (the default), the prompt is run once and every new character then costs one
 position's work: its query attends to the cached keys and values of all earlier positions.
@@ -16,9 +18,11 @@ context. Up to block_size characters, the cached and uncached paths compute the 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+import shlex
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -40,8 +44,19 @@ def rebuild_keep(block_size: int) -> int:
     return max(1, block_size // 2)
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p: keep the fewest most likely ids whose probabilities add up to at least top_p, zero the rest (B, V).
+
+    The most likely id is always kept; the kept probabilities are not renormalised here (the draw
+    in pick_next divides by their sum implicitly)."""
+    ordered, order = probs.sort(dim=-1, descending=True)  # (B, V) each
+    before = ordered.cumsum(dim=-1) - ordered  # probability of the ids ranked above each one
+    ordered = ordered.masked_fill(before >= top_p, 0.0)  # the nucleus was complete without it
+    return torch.zeros_like(probs).scatter_(-1, order, ordered)
+
+
 def pick_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-              generator: torch.Generator | None) -> torch.Tensor:
+              generator: torch.Generator | None, top_p: float | None = None) -> torch.Tensor:
     """Choose the next id from the last position's logits (B, V) -> (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -51,6 +66,8 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int | None,
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1) smallest kept logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits.float(), dim=-1)
+    if top_p is not None and top_p < 1:
+        probs = nucleus(probs, top_p)
     # Draw id i with probability probs[i]: the largest probs[i] / E[i], with E[i] ~ Exponential(1)
     # independent, falls on i with exactly that probability ("exponential race"). torch.multinomial
     # draws one sample the same way, after input checks that cost more than the draw here.
@@ -61,13 +78,16 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int | None,
 @torch.inference_mode()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> Iterator[torch.Tensor]:
+             use_cache: bool = True, top_p: float | None = None) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` next ids (B, 1) one at a time, continuing the prompts idx (B, T)."""
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        return pick_next(logits, temperature, top_k, generator, top_p)
+
     if not use_cache:  # whole-context forwards are big enough to use every thread
-        yield from _generate(model, idx, max_new_tokens, temperature, top_k, generator, use_cache)
+        yield from _generate(model, idx, max_new_tokens, pick, use_cache)
         return
     with cpu_threads(idx.device, 1) as all_threads:
-        yield from _generate(model, idx, max_new_tokens, temperature, top_k, generator, use_cache, all_threads)
+        yield from _generate(model, idx, max_new_tokens, pick, use_cache, all_threads)
 
 
 @contextmanager
@@ -89,13 +109,13 @@ def cpu_threads(device: torch.device, n: int) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-              generator: torch.Generator | None, use_cache: bool, fill_threads: int = 0) -> Iterator[torch.Tensor]:
+def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor],
+              use_cache: bool, fill_threads: int = 0) -> Iterator[torch.Tensor]:
     block_size = model.config.block_size
     if not use_cache:
         for _ in range(max_new_tokens):
             logits, _ = model(idx[:, -block_size:])  # re-read the whole (cropped) context
-            next_id = pick_next(logits[:, -1, :], temperature, top_k, generator)
+            next_id = pick(logits[:, -1, :])
             idx = torch.cat([idx, next_id], dim=1)
             yield next_id
         return
@@ -118,7 +138,7 @@ def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: f
     logits = fill(context)  # (B, V): the prompt, processed once
     recent = [context]  # the ids fed since the cache was last (re)built, for the next rebuild
     for i in range(max_new_tokens):
-        next_id = pick_next(logits, temperature, top_k, generator)
+        next_id = pick(logits)
         yield next_id
         if i == max_new_tokens - 1:
             break
@@ -282,38 +302,116 @@ def encode_prompt(tokenizer: CharTokenizer, prompt: str, unknown: UnknownPolicy)
     return ids
 
 
-def check_options(max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int) -> None:
+def check_options(max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int,
+                  top_p: float | None = None, stop: Sequence[str] = ()) -> None:
     """Reject sampling options that have no meaning."""
     if temperature < 0:
         raise PromptError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
     if top_k is not None and top_k <= 0:
         raise PromptError(f"--top-k must be a positive number of candidates, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise PromptError(f"--top-p must be a probability mass in (0, 1], got {top_p}")
     if max_new_tokens < 0:
         raise PromptError(f"--max-new-tokens must not be negative, got {max_new_tokens}")
     if num_samples <= 0:
         raise PromptError(f"--num-samples must be at least 1, got {num_samples}")
+    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
+        raise PromptError(f"--stop takes non-empty strings (a list of them from Python), got {stop!r}")
 
 
-def sample(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+class StopFilter:
+    """One sample's new text, released as soon as it cannot be the start of a stop string.
+
+    `feed` takes each new character and returns the text that is now safe to show; once the text
+    ends with a stop string, `stopped` is set and that string is dropped. Only generated text is
+    matched: a stop string never spans the prompt."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.text = ""  # generated text so far, without a stop string that ended it
+        self.shown = 0  # characters of `text` already returned
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add generated text; return what can be shown now."""
+        self.text += piece
+        for stop in self.stops:
+            if self.text.endswith(stop):
+                self.text = self.text[:-len(stop)]
+                self.stopped = True
+                return self.flush()
+        held = max((k for stop in self.stops for k in range(1, len(stop)) if self.text.endswith(stop[:k])), default=0)
+        safe = len(self.text) - held
+        out = self.text[self.shown:safe]
+        self.shown = max(self.shown, safe)
+        return out
+
+    def flush(self) -> str:
+        """The text held back so far (the end of generation: it did not become a stop string)."""
+        out = self.text[self.shown:]
+        self.shown = len(self.text)
+        return out
+
+
+def stream(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
            num_samples: int, seed: int, unknown: UnknownPolicy = "error", use_cache: bool = True,
-           on_text: Callable[[int, str], None] | None = None) -> list[str]:
-    """Generate `num_samples` continuations of `prompt` in one batch; return prompt + text for each.
+           top_p: float | None = None, stop: Sequence[str] = ()) -> Iterator[tuple[int, str]]:
+    """Generate `num_samples` continuations of `prompt` in one batch, yielding (sample, text) pieces as they come.
 
-    With one sample, `on_text(0, piece)` is called as each character is produced (streaming).
-    """
-    check_options(max_new_tokens, temperature, top_k, num_samples)
+    Each sample's first piece is its prompt (as the model reads it); then its new characters,
+    ending after `max_new_tokens` or before the first stop string it produces."""
+    check_options(max_new_tokens, temperature, top_k, num_samples, top_p, stop)
     device = loaded.model.lm_head.weight.device
     ids = encode_prompt(loaded.tokenizer, prompt, unknown)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (N, T)
     generator = torch.Generator(device=device).manual_seed(seed)
     start = loaded.tokenizer.decode(ids)
-    texts = [[start] for _ in range(num_samples)]
-    if on_text and num_samples == 1:
-        on_text(0, start)
-    for next_id in generate(loaded.model, idx, max_new_tokens, temperature, top_k, generator, use_cache):
-        for i, token in enumerate(next_id[:, 0].tolist()):
-            piece = loaded.tokenizer.chars[token]
-            texts[i].append(piece)
-            if on_text and num_samples == 1:
-                on_text(i, piece)
+    for i in range(num_samples):
+        yield i, start
+    filters = [StopFilter(stop) for _ in range(num_samples)]
+    with closing(generate(loaded.model, idx, max_new_tokens, temperature, top_k, generator, use_cache, top_p)) as ids:
+        for next_id in ids:  # closing: a stop (or a caller that stops reading) ends generate() and restores threads
+            for i, token in enumerate(next_id[:, 0].tolist()):
+                if not filters[i].stopped:
+                    piece = filters[i].feed(loaded.tokenizer.chars[token])
+                    if piece:
+                        yield i, piece
+            if all(f.stopped for f in filters):
+                return
+    for i, f in enumerate(filters):
+        rest = f.flush()
+        if rest:
+            yield i, rest
+
+
+def sample(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+           num_samples: int, seed: int, unknown: UnknownPolicy = "error", use_cache: bool = True,
+           on_text: Callable[[int, str], None] | None = None, top_p: float | None = None,
+           stop: Sequence[str] = ()) -> list[str]:
+    """Generate `num_samples` continuations of `prompt` in one batch; return prompt + text for each.
+
+    With one sample, `on_text(0, piece)` is called as each piece is produced (streaming).
+    """
+    texts: list[list[str]] = [[] for _ in range(num_samples)]
+    for i, piece in stream(loaded, prompt, max_new_tokens, temperature, top_k, num_samples, seed, unknown,
+                           use_cache, top_p, stop):
+        texts[i].append(piece)
+        if on_text and num_samples == 1:
+            on_text(i, piece)
     return ["".join(parts) for parts in texts]
+
+
+def example_prompt(text: str, limit: int = 24) -> str:
+    """A short prompt taken from the beginning of a text: its first whole line, cut at a word, at most `limit` characters."""
+    lines = text.split("\n")
+    candidates = [line for line in lines[1:-1] if line.strip()] or [line for line in lines if line.strip()]
+    line = candidates[0].strip() if candidates else text.strip() or "\n"
+    if len(line) > limit:
+        cut = line.rfind(" ", 0, limit + 1)
+        line = line[:cut] if cut > 0 else line[:limit]
+    return line
+
+
+def sample_command(run_dir: Path, val_text: str) -> str:
+    """The `minigpt sample` command line for a run, with a prompt from the start of its validation text."""
+    return shlex.join(["minigpt", "sample", "--checkpoint", str(run_dir), "--prompt", example_prompt(val_text)])

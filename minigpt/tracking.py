@@ -34,7 +34,9 @@ def log(message: str) -> None:
 
 
 def stderr_is_terminal() -> bool:
-    """Whether stderr is an interactive terminal (where a redrawn progress bar belongs)."""
+    """Whether stderr is an interactive terminal or a Jupyter notebook (where a redrawn progress bar belongs)."""
+    if "ipykernel" in sys.modules:  # a notebook draws tqdm's bar (or widget) as one line that updates
+        return True
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed stream
@@ -111,6 +113,17 @@ def byte_progress(label: str, plain: bool | None = None, clock: Callable[[], flo
         yield bar_update
 
 
+def progress_bar_class() -> type[tqdm]:
+    """tqdm's auto mode: a widget in a Jupyter notebook that has ipywidgets, else the text bar (which a
+    notebook also draws as one clean line, since it honours carriage returns)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tqdm.auto warns when a notebook lacks ipywidgets; the text bar is fine
+        from tqdm.auto import tqdm as auto_tqdm
+    return auto_tqdm
+
+
 class Tracker:
     """TensorBoard writer plus console progress; a disabled tracker (non-main ranks) does nothing.
 
@@ -138,7 +151,7 @@ class Tracker:
         if progress and plain:
             self.lines = PlainProgress(total_steps, initial=start_step, clock=clock)
             return
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+        self.bar = progress_bar_class()(total=total_steps, initial=start_step, desc="train", unit="step",
                         file=sys.stderr, dynamic_ncols=True, disable=not progress, mininterval=0.5)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -33,7 +33,7 @@ from minigpt.errors import Interrupted, TrainingError
 from minigpt.model import GPT
 from minigpt.optim import get_lr, set_lr
 from minigpt.run import Run, open_progress, rank_batch, start_run, write_run_dir
-from minigpt.sample import generate
+from minigpt.sample import generate, sample_command
 from minigpt.tracking import flat_hparams, log_inspection
 
 
@@ -71,7 +71,7 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
             run.close()  # the progress display, TensorBoard, and the run directory's lock
         run.say(f"done: step {run.step}, best val loss {run.best_val_loss:.4f} "
                 f"({run.best_val_loss / math.log(2):.4f} bits/char); checkpoints in {run.run_dir}\n"
-                f"  sample:      minigpt sample --checkpoint {run.run_dir} --prompt \"ROMEO:\"\n"
+                f"  sample:      {sample_command(run.run_dir, run.tokenizer.decode(run.tokens['val'][:256]))}\n"
                 f"  tensorboard: tensorboard --logdir {run.run_dir}")
         return TrainResult(run_dir=run.run_dir, step=run.step, best_val_loss=run.best_val_loss, history=run.history)
     finally:

@@ -1,5 +1,6 @@
 """Training to a time budget: the derived step count, the rewind after measuring, exact resume, errors."""
 
+import importlib
 import re
 import signal
 
@@ -8,7 +9,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from minigpt import budget, checkpoint, train as train_mod
+from minigpt import budget, checkpoint
 from minigpt.budget import Costs, evaluations, plan_steps
 from minigpt.config import duration_seconds
 from minigpt.errors import ConfigError, Interrupted
@@ -16,6 +17,7 @@ from minigpt.train import train
 
 from conftest import run_cli, tiny_config
 
+train_mod = importlib.import_module("minigpt.train")  # the module: `minigpt.train` itself is the API function
 FAST = ["train.warmup_iters=2", "train.log_interval=1", "train.sample_chars=0", "train.eval_iters=2", "model.dropout=0.1"]
 
 

@@ -8,6 +8,7 @@ import torch
 from minigpt.config import Config, ModelConfig
 from minigpt.model import GPT, LayerCache
 from minigpt.sample import Decoder, LoadedModel, generate, lean_forward, pick_next, rebuild_keep, sample
+from minigpt.errors import PromptError
 from minigpt.tokenizer import CharTokenizer
 
 VOCAB = 20
@@ -222,3 +223,103 @@ def test_cached_steps_run_on_one_cpu_thread_fills_and_uncached_on_all(monkeypatc
     monkeypatch.setattr(GPT, "_trunk", trunk)
     greedy(model, [[1, 2]], 5, use_cache=False)
     assert seen == {"fill": {2}, "step": {1}, "uncached": {2}} and torch.get_num_threads() == 2
+
+
+# ----------------------------------------------------------------------------- top-p and stop strings
+
+def test_top_p_draws_only_from_the_nucleus_with_renormalised_frequencies():
+    """20,000 seeded draws: nothing outside the nucleus, frequencies inside it match the renormalised softmax."""
+    logits = torch.tensor([[2.0, 0.3, 1.2, -1.0, 0.9, -0.4]])
+    probs = torch.softmax(logits[0].double(), dim=0)
+    order = probs.argsort(descending=True).tolist()
+    for top_p in (0.3, 0.6, 0.85, 0.97):
+        # The nucleus, counted out by hand: the most likely ids until their mass reaches top_p.
+        nucleus, mass = [], 0.0
+        for i in order:
+            nucleus.append(i)
+            mass += float(probs[i])
+            if mass >= top_p:
+                break
+        generator = torch.Generator().manual_seed(int(top_p * 100))
+        ids = pick_next(logits.repeat(20000, 1), 1.0, None, generator, top_p=top_p)[:, 0]
+        assert set(ids.tolist()) <= set(nucleus), (top_p, nucleus)
+        freq = torch.bincount(ids, minlength=6).double() / len(ids)
+        expected = torch.zeros(6, dtype=torch.float64)
+        expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+        assert (freq - expected).abs().max() < 0.012, (top_p, freq, expected)  # 4 standard deviations at n = 20,000
+        assert len(set(ids.tolist())) == len(nucleus)  # and every id of the nucleus does come up
+
+
+def test_top_p_one_is_plain_sampling_and_a_tiny_top_p_is_greedy():
+    logits = torch.randn(500, 12, generator=torch.Generator().manual_seed(0))
+    plain = pick_next(logits, 1.0, None, torch.Generator().manual_seed(3))
+    assert torch.equal(pick_next(logits, 1.0, None, torch.Generator().manual_seed(3), top_p=1.0), plain)
+    tiny = pick_next(logits, 0.7, None, torch.Generator().manual_seed(3), top_p=1e-6)
+    assert torch.equal(tiny, logits.argmax(dim=-1, keepdim=True))
+
+
+def reference_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text up to the first place it ends with a stop string, that string removed."""
+    for end in range(1, len(text) + 1):
+        for stop in stops:
+            if text[:end].endswith(stop):
+                return text[:end - len(stop)], True
+    return text, False
+
+
+def test_stop_filter_releases_text_as_soon_as_it_cannot_start_a_stop_string():
+    import random
+
+    from minigpt.sample import StopFilter
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 30)))
+        f, shown, fed = StopFilter(stops), "", ""
+        for ch in text:
+            shown += f.feed(ch)
+            fed += ch
+            if f.stopped:
+                break
+            assert len(fed) - len(shown) < max(map(len, stops))  # held back: at most a stop string's prefix
+        shown += "" if f.stopped else f.flush()
+        assert (shown, f.stopped) == reference_stop(text, stops), (stops, text)
+
+
+def test_sample_with_stop_ends_where_the_unstopped_text_shows_the_stop_string():
+    model = make_model(block_size=16, dtype=torch.float32)
+    full = sample(loaded(model), "ab", 60, 1.0, None, 1, seed=5)[0]
+    stop = full[2:][20:22]  # two characters the unstopped continuation writes
+    expected = "ab" + full[2:][:full[2:].index(stop)]
+    pieces: list[str] = []
+    got = sample(loaded(model), "ab", 60, 1.0, None, 1, seed=5, stop=[stop], on_text=lambda _, p: pieces.append(p))
+    assert got == [expected] and "".join(pieces) == expected
+    assert sample(loaded(model), "ab", 60, 1.0, None, 1, seed=5, stop=["no such text"]) == [full]
+    with pytest.raises(PromptError, match="--stop"):
+        sample(loaded(model), "ab", 5, 1.0, None, 1, seed=5, stop=[""])
+    with pytest.raises(PromptError, match="--top-p"):
+        sample(loaded(model), "ab", 5, 1.0, None, 1, seed=5, top_p=1.5)
+
+
+def test_example_prompt_is_a_whole_line_from_the_text():
+    from minigpt.sample import example_prompt
+
+    assert example_prompt("ther.\n\nGREMIO:\nGood morrow, neighbour\n") == "GREMIO:"
+    assert example_prompt("and so\nit goes on and on and on and on forever\nx\n") == "it goes on and on and on"
+    assert example_prompt("no newline at all") == "no newline at all"
+
+
+def test_a_stop_or_a_reader_that_stops_early_restores_the_thread_count():
+    model = make_model(block_size=16, dtype=torch.float32)
+    torch.set_num_threads(2)  # the autouse fixture restores its own setting afterwards
+    full = sample(loaded(model), "ab", 30, 1.0, None, 1, seed=5)[0]
+    sample(loaded(model), "ab", 30, 1.0, None, 1, seed=5, stop=[full[5]])
+    assert torch.get_num_threads() == 2
+    from minigpt.sample import stream
+
+    pieces = stream(loaded(model), "ab", 30, 1.0, None, 1, seed=5)
+    next(pieces), next(pieces)  # the prompt and one character: generation is under way, on one thread
+    assert torch.get_num_threads() == 1
+    pieces.close()
+    assert torch.get_num_threads() == 2

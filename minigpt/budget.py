@@ -3,7 +3,8 @@
 With `train.time_budget` set, `train.max_iters` is derived instead of guessed. After the run is
 set up, a few real training steps are timed (the first ones, which include compilation and
 memory allocation, are left out of the steady-state time), then one evaluation with its text
-sample, attention image and two checkpoints, written to a scratch directory. The run is then
+sample, attention image and two checkpoints, written to a scratch directory (timed the second
+time: the first one warms up what evaluation uses). The run is then
 rewound to step 0 from an in-memory snapshot (weights, optimizer, RNG streams), so the steps
 taken while measuring change nothing: a budgeted run equals the same config run with
 `--set train.max_iters=N`. N is the largest step count whose steps and evaluations fit in what
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 IMPORT_TIME = time.time()  # fallback start of the process where /proc is not available
 START_ENV = "MINIGPT_START_TIME"  # set by `minigpt train --nproc N` for its torchrun workers
-FIRST_STEPS = 3  # untimed steps: compilation, allocation, caches
+FIRST_STEPS = 5  # untimed steps: compilation, allocation, caches
 TIMING_FRACTION = 0.015  # of the budget spent timing steady-state steps (between 5 and 200 steps)
 clock = time.perf_counter  # replaceable in tests
 StepFn = Callable[["Run"], tuple]  # one optimizer step of a run: (loss, grad norm), as minigpt.train.train_step
@@ -137,7 +138,9 @@ def _time_evaluation(run: Run, evaluate: Callable[[Run], None]) -> float:
     scratch = Path(tempfile.mkdtemp(prefix=".budget-", dir=run.run_dir))
     try:
         run.cfg.train.out_dir, run.quiet = str(scratch), True
-        run.tracker = Tracker(scratch, 0, 1, enabled=run.world.is_main, progress=False)  # imports TensorBoard first
+        run.tracker = Tracker(scratch, 0, 1, enabled=run.world.is_main, progress=False)
+        evaluate(run)  # the first one also imports and warms up what evaluation uses (matplotlib, sampling)
+        run.best_val_loss = math.inf  # so the timed one writes best.pt as well as last.pt
         start = clock()
         evaluate(run)
         return clock() - start

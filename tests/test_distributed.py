@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from conftest import CONFIGS, tiny_config, tiny_sets, write_corpus
@@ -211,3 +212,21 @@ def test_launch_command_repeats_the_train_command():
     command = distributed.launch_command(2, ["train", "--config", "c.yaml"])
     assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "minigpt", "train", "--config", "c.yaml"]
+
+
+def test_time_budget_under_two_processes_is_decided_once(tmp_path, corpus):
+    """`--nproc 2 --time`: rank 0 measures and derives the steps, both processes take exactly those (a rank
+    taking more would wait forever in the gradient all-reduce), and the count is recorded with the run."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_sets(tmp_path, corpus)[:-2] + [f"train.out_dir={run_dir}", "train.device=cpu", "train.threads=1",
+                                                    "train.eval_interval=200", "train.eval_iters=1",
+                                                    "train.log_interval=50", "train.sample_chars=8"]
+    result = subprocess.run([sys.executable, "-m", "minigpt", *cli_args(overrides), "--nproc", "2", "--time", "45s"],
+                            env=ENV, text=True, capture_output=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = next(line for line in result.stderr.splitlines() if line.startswith("minigpt:"))
+    steps = int(first.split()[1])
+    assert "time budget 45s" in first and steps > 10
+    recorded = checkpoint.load(run_dir / checkpoint.LAST)
+    assert recorded["step"] == steps == recorded["config"]["train"]["max_iters"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_iters"] == steps

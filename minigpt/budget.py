@@ -125,6 +125,7 @@ def measure(run: Run, take_step: StepFn, evaluate: Callable[[Run], None], budget
     start = clock()
     float(take_step(run)[0])
     count = min(200, max(5, int(budget_s * TIMING_FRACTION / max(clock() - start, 1e-6))))
+    count = run.world.share(count)  # every process must take the same steps (each one all-reduces gradients)
     start = clock()
     for _ in range(count):
         loss, _ = take_step(run)
@@ -139,7 +140,7 @@ def measure(run: Run, take_step: StepFn, evaluate: Callable[[Run], None], budget
 def _time_evaluation(run: Run, evaluate: Callable[[Run], None]) -> float:
     """Seconds for one evaluation as the run makes it, its logs and checkpoints going to a scratch directory."""
     out_dir, tracker = run.cfg.train.out_dir, run.tracker
-    scratch = Path(tempfile.mkdtemp(prefix=".budget-", dir=run.run_dir))
+    scratch = Path(tempfile.mkdtemp(prefix=".budget-", dir=run.run_dir if run.world.is_main else None))  # rank 0 writes
     try:
         run.cfg.train.out_dir, run.quiet = str(scratch), True
         run.tracker = Tracker(scratch, 0, 1, enabled=run.world.is_main, progress=False)

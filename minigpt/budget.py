@@ -117,7 +117,7 @@ def keep_resolved(t: TrainConfig, recorded: dict) -> None:
 
 
 def measure(run: Run, take_step: StepFn, evaluate: Callable[[Run], None], budget_s: float) -> Costs:
-    """Time steady-state steps and one evaluation on `run`, then rewind it to where it was."""
+    """Time steady-state steps and an evaluation (the second of two) on `run`, then rewind it to where it was."""
     snapshot = copy.deepcopy(checkpoint.state_of(run))
     for _ in range(FIRST_STEPS):
         loss, _ = take_step(run)

@@ -353,7 +353,7 @@ def surprise(
     _check_out(out, (".html", ".htm", ".png"), "the surprise view")
     from minigpt import viz  # imported after the checks: torch is slow to import
 
-    model = _load_checkpoint(checkpoint, device, unknown)  # torch is imported after the checks: it is slow to import
+    model = _load_checkpoint(checkpoint, device, unknown)
     result = model.surprise(text, file=file, stride=stride, unknown=unknown)
     if out is not None and out.suffix.lower() == ".png":
         viz.save_figure(viz.surprise_figure(result.chars, result.bits), out)

@@ -147,13 +147,17 @@ def config_differences(old: dict, new: dict) -> dict[str, tuple]:
     return diffs
 
 
+def shape_changes(diffs: dict[str, tuple]) -> list[str]:
+    """The model-shape keys among config differences, as 'key old -> new' (a different network)."""
+    return [f"{k} {a} -> {b}" for k, (a, b) in sorted(diffs.items()) if k in SHAPE_KEYS]
+
+
 def check_resume(payload: dict, cfg: Config, tokenizer: CharTokenizer, say: Callable[[str], None] = log) -> None:
     """Refuse a checkpoint whose network shape or vocabulary differ; say which harmless keys changed."""
     diffs = config_differences(payload["config"], config_mod.to_dict(cfg))
-    shape = {k: v for k, v in diffs.items() if k in SHAPE_KEYS}
+    shape = shape_changes(diffs)
     if shape:
-        listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in shape.items())
-        raise CheckpointError(f"cannot resume {payload['path']}: the config changes the model shape ({listed}); "
+        raise CheckpointError(f"cannot resume {payload['path']}: the config changes the model shape ({', '.join(shape)}); "
                               "restore those values or train a new run with --out-dir")
     if "train.optimizer" in diffs and (diffs["train.optimizer"][0] or "adamw") != cfg.train.optimizer:
         raise CheckpointError(f"cannot resume {payload['path']}: it was trained with train.optimizer "
@@ -195,8 +199,7 @@ def init_from(run: Run, payload: dict) -> None:
     """
     old_chars = payload["tokenizer"]["chars"]
     assert run.tokenizer.chars[:len(old_chars)] == old_chars, "corpus not prepared on the checkpoint's vocabulary"
-    diffs = config_differences(payload["config"], config_mod.to_dict(run.cfg))
-    shape = [f"{k} {a} -> {b}" for k, (a, b) in sorted(diffs.items()) if k in SHAPE_KEYS]
+    shape = shape_changes(config_differences(payload["config"], config_mod.to_dict(run.cfg)))
     theirs, mine = payload["model"], run.model.state_dict()
     weights = sorted(k for k in set(theirs) | set(mine) if k not in VOCAB_KEYS and
                      (k not in theirs or k not in mine or theirs[k].shape != mine[k].shape))

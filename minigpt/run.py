@@ -294,7 +294,8 @@ def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None
             f"{torch.get_num_threads()} threads, vocab {run.tokenizer.vocab_size}, "
             f"{run.data_meta['train_tokens']:,} train / {run.data_meta['val_tokens']:,} val characters -> {run.run_dir}")
     if run.step >= t.max_iters:
+        unbudgeted = " --set train.time_budget=0" if budget.seconds(t) else ""  # else the recorded count is kept
         run.say(f"the run is already complete at step {run.step} (train.max_iters {t.max_iters}); "
-                f"to train longer: --resume --set train.max_iters=N with N > {run.step}")
+                f"to train longer: --resume{unbudgeted} --set train.max_iters=N with N > {run.step}")
     run.tracker = Tracker(run.run_dir, run.step, t.max_iters, enabled=run.world.is_main,
                           progress=progress and run.step < t.max_iters)

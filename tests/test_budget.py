@@ -140,3 +140,17 @@ def test_cli_time_option_sets_the_budget_and_refuses_a_tiny_one(tmp_path, corpus
     assert result.returncode == 2
     assert "error: train.time_budget 1s is too short on this machine" in result.stderr and "give at least" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_finished_budgeted_run_says_how_to_train_longer(tmp_path, corpus, monkeypatch, capsys):
+    """Resuming keeps a budgeted run's recorded count, so the hint must turn the budget off to train longer."""
+    monkeypatch.setattr(budget, "plan_steps", fixed_plan(4))
+    sets = ["train.time_budget=1h", "train.eval_interval=4", *FAST]
+    train(tiny_config(tmp_path, corpus, *sets), progress=False)
+    capsys.readouterr()
+    assert train(tiny_config(tmp_path, corpus, *sets), resume=True, progress=False).step == 4
+    err = capsys.readouterr().err
+    assert "already complete at step 4" in err and "--resume --set train.time_budget=0 --set train.max_iters=N" in err
+    longer = train(tiny_config(tmp_path, corpus, *sets[1:], "train.time_budget=0", "train.max_iters=6"), resume=True,
+                   progress=False)
+    assert longer.step == 6

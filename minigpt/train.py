@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-from tqdm import tqdm
 
 from minigpt import budget, checkpoint, config as config_mod, device as device_mod
 from minigpt.config import Config
@@ -34,7 +33,7 @@ from minigpt.model import GPT
 from minigpt.optim import get_lr, set_lr
 from minigpt.run import Run, open_progress, rank_batch, start_run, write_run_dir
 from minigpt.sample import generate, sample_command
-from minigpt.tracking import flat_hparams, log_inspection
+from minigpt.tracking import duration, flat_hparams, log_inspection
 
 
 @dataclass
@@ -162,7 +161,7 @@ def log_progress(run: Run, recent: RecentSteps, lr: float) -> None:
                                    "opt/grad_norm": sum(norms) / len(norms), "perf/tokens_per_sec": speed})
     shown = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{speed:,.0f}"}
     if run.budget_end is not None:
-        shown["left"] = tqdm.format_interval(max(0.0, run.budget_end - time.time()))  # of the time budget
+        shown["left"] = duration(max(0.0, run.budget_end - time.time()))  # of the time budget, as elapsed and ETA read
     run.tracker.advance(run.step, shown)
     recent.pending.clear()
     recent.since_step, recent.since_time = run.step, now

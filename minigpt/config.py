@@ -33,6 +33,7 @@ class ModelConfig:
     block_size: int = 64  # context length in characters (T at most)
     dropout: float = 0.0  # dropout probability on embeddings, attention weights and residuals
     bias: bool = True  # biases in Linear layers and LayerNorms
+    position: Literal["learned", "rope"] = "learned"  # learned: a position embedding added to the input (GPT-2); rope: queries and keys rotated by position (RoPE)
 
 
 @dataclass
@@ -192,6 +193,9 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{key} must not be negative, got {value}")
     if m.n_head > 0 and m.n_embd % m.n_head != 0:
         problems.append(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    elif m.position == "rope" and m.n_head > 0 and (m.n_embd // m.n_head) % 2:
+        problems.append(f"model.position rope turns pairs of channels, so the head size model.n_embd / model.n_head "
+                        f"({m.n_embd // m.n_head}) must be even")
     if not 0.0 <= m.dropout < 1.0:
         problems.append(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 < d.val_fraction < 1.0:

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from minigpt.evaluate import pick
-from minigpt.model import GPT
+from minigpt.model import GPT, rotate
 from minigpt.viz import visible
 
 TOP = 5  # most likely next characters shown
@@ -155,8 +155,11 @@ def _explain(model: GPT, ids: list[int], vocab: list[str], layer: int, head: int
     # Embeddings: a row of wte per character, a row of wpe per position, added.
     idx = torch.tensor(ids, dtype=torch.long, device=device)  # (T,)
     tok = keep("tok_emb", "token embeddings: the row of wte for each character", tr.wte.weight[idx])  # (T, C)
-    pos = keep("pos_emb", "position embeddings: rows 0..T-1 of wpe", tr.wpe.weight[:T])  # (T, C)
-    x = keep("x", "x = token + position embedding", tok + pos)  # (T, C)
+    if "wpe" in tr:
+        pos = keep("pos_emb", "position embeddings: rows 0..T-1 of wpe", tr.wpe.weight[:T])  # (T, C)
+        x = keep("x", "x = token + position embedding", tok + pos)  # (T, C)
+    else:  # RoPE: positions enter when q and k are turned, below
+        x = keep("x", "x = token embedding (RoPE: no position embedding; positions turn q and k below)", tok)
     if layer > 0:  # the residual stream entering this layer, from the model's own earlier blocks
         for block in tr.h[:layer]:
             x = block(x[None])[0][0]
@@ -184,6 +187,12 @@ def _explain(model: GPT, ids: list[int], vocab: list[str], layer: int, head: int
         q = show("q", f"q = ln_1(x) @ W_q: head {h}'s query for each position", project(0, h))  # (T, hs)
         k = show("k", f"k = ln_1(x) @ W_k: head {h}'s key for each position", project(1, h))  # (T, hs)
         v = show("v", f"v = ln_1(x) @ W_v: head {h}'s value for each position", project(2, h))  # (T, hs)
+        if attn.rope:  # each position's query and key turned by its own angles, channel pair by pair
+            cos, sin = attn.rope_cos[:T], attn.rope_sin[:T]  # (T, hs/2)
+            q = show("q_rope", "RoPE: q with channel pairs (i, i + hs/2) turned by position * 10000^(-2i/hs)",
+                     rotate(q, cos, sin))  # (T, hs)
+            k = show("k_rope", "RoPE: k turned the same way, so q . k depends on how far apart they are",
+                     rotate(k, cos, sin))  # (T, hs)
         scores = show("scores", "scores = q @ k.T: how well each query (row) matches each key (column)",
                       q @ k.T, "characters")  # (T, T)
         scaled = show("scaled", f"scaled = scores / sqrt(hs) = scores / sqrt({hs})", scores / math.sqrt(hs), "characters")

@@ -5,6 +5,7 @@ nh heads, hs = C // nh head size, V vocabulary size):
 
     token ids (B, T)
     -> token embedding wte + position embedding wpe, added          (B, T, C)
+       (with model.position rope: wte alone; positions turn q and k in attention)
     -> n_layer blocks, each (pre-norm, residual):
            x = x + attn(ln_1(x))     masked multi-head self-attention
            x = x + mlp(ln_2(x))      Linear(C, 4C) -> GELU -> Linear(4C, C)
@@ -12,7 +13,10 @@ nh heads, hs = C // nh head size, V vocabulary size):
 
 The ideas come from "Attention Is All You Need" (Vaswani et al., 2017) and GPT-2 (Radford et
 al., 2019): pre-norm blocks, learned positions, weight tying, and residual projections whose
-initial weights shrink with depth. Attention is spelled out step by step in
+initial weights shrink with depth. With `model.position: rope` there is no wpe: instead each
+query and key is rotated by an angle that grows with its position (RoPE, Su et al., 2021), so
+a score depends on how far apart two characters are rather than where they stand; on the CPU
+config that learns faster (README). Attention is spelled out step by step in
 `CausalSelfAttention.forward`; beside it sits the fused `F.scaled_dot_product_attention`, which
 computes the same thing faster and is used whenever the attention weights are not requested.
 
@@ -81,6 +85,26 @@ class KVCache:
             layer.length = 0
 
 
+def rotary_angles(block_size: int, hs: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angle by which RoPE turns each pair of channels at each position, (block_size, hs/2) each.
+
+    Pair i (channels i and i + hs/2) turns by position * base^(-2i/hs) radians: the first pairs turn
+    fast and tell neighbours apart, the last turn slowly and tell far-apart positions apart."""
+    speed = base ** (-torch.arange(hs // 2, dtype=torch.float32) * 2 / hs)  # (hs/2,) radians per position
+    angle = torch.arange(block_size, dtype=torch.float32)[:, None] * speed[None, :]  # (block_size, hs/2)
+    return angle.cos(), angle.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each pair of channels (i, i + hs/2) of x (..., hs) by its angle; cos and sin broadcast to (..., hs/2).
+
+    Rotating a query at position i and a key at position j leaves their dot product depending only on
+    i - j: a rotation by angle a then by -b is a rotation by a - b."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which each position attends only to itself and the past."""
 
@@ -97,6 +121,11 @@ class CausalSelfAttention(nn.Module):
         # mask[i, j] is True where query i may look at key j (j <= i): a lower-triangular matrix.
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("mask", mask.view(1, 1, config.block_size, config.block_size), persistent=False)
+        self.rope = config.position == "rope"
+        if self.rope:  # a table, not parameters: rebuilt here, not saved in checkpoints
+            cos, sin = rotary_angles(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, return_weights: bool = False,
                 cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,9 +139,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
+        past = cache.length if cache is not None else 0  # positions already in the cache (sampling)
+        if self.rope:
+            # 2b. RoPE: turn each query and key by angles set by its position (past .. past + T - 1).
+            cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]  # (T, hs/2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, nh, T, hs) each
         if cache is not None:  # sampling: prepend the keys and values of earlier positions
-            past = cache.length
             k, v = cache.append(k, v)  # (B, nh, S, hs) with S = past + T
         S = k.size(2)
 
@@ -188,6 +220,8 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if config.position == "rope":  # positions enter inside attention instead
+            del self.transformer["wpe"]
         self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
         # Weight tying: the same matrix embeds a character and scores it as the next one.
         self.transformer.wte.weight = self.lm_head.weight
@@ -210,7 +244,9 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (tied wte counts once)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def set_fused_attention(self, fused: bool) -> None:
         """Choose the fused (fast) or explicit (step-by-step) attention in every block."""
@@ -224,8 +260,11 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:  # learned positions (with RoPE, positions enter inside attention)
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (B, T, C): (T, C) broadcast over the batch
+        x = self.transformer.drop(x)
         maps = []
         for i, block in enumerate(self.transformer.h):
             x, weights = block(x, return_weights, kv_cache.layers[i] if kv_cache is not None else None)

@@ -32,7 +32,8 @@ from minigpt.optim import make_optimizer
 from minigpt.tokenizer import CharTokenizer
 from minigpt.tracking import Tracker, log
 
-SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias")
+SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias",
+              "model.position")
 VOCAB_KEYS = ("transformer.wte.weight", "lm_head.weight")  # one row per vocabulary entry (tied)
 
 

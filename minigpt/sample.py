@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from minigpt import checkpoint
 from minigpt.config import Config, from_dict
 from minigpt.errors import PromptError
-from minigpt.model import GPT, KVCache
+from minigpt.model import GPT, KVCache, rotate
 from minigpt.tokenizer import CharTokenizer, UnknownPolicy
 
 EMPTY_PROMPT = "\n"  # an empty prompt starts the text as if at the beginning of a line
@@ -198,6 +198,12 @@ def _mlp_residual(x: torch.Tensor, C: int, ln2_w, ln2_b, fc_w, fc_b, out_w, out_
     return _addmm(x if out_b is None else x + out_b, torch.addcmul(u, u, torch.erf(u)), out_w)
 
 
+def rope_tables(model: GPT) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The RoPE cos and sin tables (block_size, hs/2) of a model with model.position rope, else None."""
+    attn = model.transformer.h[0].attn
+    return (attn.rope_cos, attn.rope_sin) if attn.rope else None
+
+
 def lean_forward(model: GPT, weights: list[tuple], idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Logits (B, V) of the last of the positions idx (B, T), fed into an empty cache (the prompt or a
     rebuild: positions 0 .. T-1, causal). Equals model(idx, kv_cache=cache)[0][:, -1] in eval mode."""
@@ -207,9 +213,16 @@ def lean_forward(model: GPT, weights: list[tuple], idx: torch.Tensor, cache: KVC
     if cache.length > 0:
         raise ValueError("lean_forward fills an empty cache; one more position at a time is Decoder.step")
     tr = model.transformer
-    x = (F.embedding(idx, tr.wte.weight) + tr.wpe.weight[:T]).view(B * T, C)  # (B*T, C)
+    x = F.embedding(idx, tr.wte.weight)  # (B, T, C)
+    if "wpe" in tr:
+        x = x + tr.wpe.weight[:T]
+    x = x.view(B * T, C)
+    rope = rope_tables(model)
     for layer, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, *mlp) in zip(cache.layers, weights):
         qkv = _addmm(attn_b, F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w).view(B, T, 3, nh, hs)
+        if rope:  # queries and keys turned by their positions 0 .. T-1
+            cos, sin = (table[:T, None, None] for table in rope)  # (T, 1, 1, hs/2)
+            qkv[:, :, :2] = rotate(qkv[:, :, :2], cos, sin)
         k, v = layer.append_kv(qkv[:, :, 1:].permute(0, 3, 1, 2, 4))  # (B, nh, T, hs) each
         y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), k, v, is_causal=T > 1)  # (B, nh, T, hs)
         x = _addmm(x if proj_b is None else x + proj_b, y.transpose(1, 2).reshape(B * T, C), proj_w)  # residual
@@ -239,6 +252,8 @@ class Decoder:
         self.qkv = [torch.empty(B, 3 * C, device=p.device, dtype=p.dtype) for _ in self.weights]
         heads = [buf.view(B, 3, nh, 1, C // nh) for buf in self.qkv]
         self.query = [h[:, 0] for h in heads]  # (B, nh, 1, hs)
+        self.query_key = [buf.view(B, 3, nh, C // nh)[:, :2] for buf in self.qkv]  # (B, 2, nh, hs): turned by RoPE
+        self.rope = rope_tables(model)
         self.new_kv = [h[:, 1:].permute(0, 2, 3, 1, 4) for h in heads]  # (B, nh, 1, 2, hs)
         positions = range(c.block_size)
         self.slot = [[layer.kv[:, :, pos:pos + 1] for pos in positions] for layer in self.cache.layers]
@@ -259,9 +274,13 @@ class Decoder:
         if pos >= self.block_size:
             raise ValueError(f"KV cache holds {self.block_size} positions; {pos + 1} requested")
         tr = self.model.transformer
-        x = F.embedding(idx[:, 0], tr.wte.weight) + tr.wpe.weight[pos]  # (B, C)
+        x = F.embedding(idx[:, 0], tr.wte.weight)  # (B, C)
+        if "wpe" in tr:
+            x = x + tr.wpe.weight[pos]
         for i, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, *mlp) in enumerate(self.weights):
             _addmm(attn_b, F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w, out=self.qkv[i])  # q, k, v
+            if self.rope:
+                self.query_key[i].copy_(rotate(self.query_key[i], self.rope[0][pos], self.rope[1][pos]))
             self.slot[i][pos].copy_(self.new_kv[i])  # the new key and value join the cache
             k, v = self.seen[i][pos]  # (B, nh, pos + 1, hs): every key and value so far
             y = F.scaled_dot_product_attention(self.query[i], k, v)  # (B, nh, 1, hs)

@@ -48,6 +48,8 @@ def test_all_problems_reported_together(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("model:\n  n_embd: 100\n  n_head: 3\n", "model.n_embd (100) must be divisible by model.n_head (3)"),
+    ("model:\n  n_embd: 36\n  n_head: 4\n  position: rope\n", "the head size model.n_embd / model.n_head (9) must be even"),
+    ("model:\n  position: sinusoidal\n", "model.position must be one of learned, rope"),
     ("train:\n  warmup_iters: 50\n  max_iters: 10\n", "train.warmup_iters (50) must not exceed train.max_iters (10)"),
     ("data:\n  val_fraction: 1.5\n", "data.val_fraction must be in (0, 1)"),
     ("model:\n  block_size: 0\n", "model.block_size must be positive"),

@@ -16,10 +16,11 @@ from minigpt.model import GPT
 VOCAB = [chr(ord("a") + i) for i in range(20)]
 
 
-def make_model(bias: bool = True, seed: int = 0) -> GPT:
+def make_model(bias: bool = True, seed: int = 0, position: str = "learned") -> GPT:
     """A random 3-layer model (weights scaled up so attention is far from uniform)."""
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(n_layer=3, n_head=4, n_embd=32, block_size=16, dropout=0.0, bias=bias), len(VOCAB))
+    model = GPT(ModelConfig(n_layer=3, n_head=4, n_embd=32, block_size=16, dropout=0.0, bias=bias,
+                            position=position), len(VOCAB))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
@@ -29,16 +30,16 @@ def make_model(bias: bool = True, seed: int = 0) -> GPT:
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
 
 
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bias,position", [(True, "learned"), (False, "learned"), (True, "rope")])
 @pytest.mark.parametrize("layer,head", [(0, 0), (1, 3), (2, 2)])
-def test_every_step_equals_the_modules(bias, layer, head):
-    model = make_model(bias)
+def test_every_step_equals_the_modules(bias, position, layer, head):
+    model = make_model(bias, position=position)
     e = explain(model, IDS, VOCAB, layer, head)
     idx = torch.tensor([IDS])
     T, C, hs = len(IDS), 32, 8
     tr = model.transformer
     with torch.no_grad():
-        x = tr.wte(idx) + tr.wpe(torch.arange(T))  # (1, T, C)
+        x = tr.wte(idx) + (tr.wpe(torch.arange(T)) if position == "learned" else 0)  # (1, T, C)
         torch.testing.assert_close(e["x"], x[0])
         for block in tr.h[:layer]:
             x, _ = block(x)
@@ -49,6 +50,11 @@ def test_every_step_equals_the_modules(bias, layer, head):
         q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)  # the module's projection, then this head's channels
         for key, full in (("q", q), ("k", k), ("v", v)):
             torch.testing.assert_close(e[key], full[0, :, head * hs:(head + 1) * hs])
+        if position == "rope":  # the scores are those of the turned query and key
+            torch.testing.assert_close(e["scores"], e["q_rope"] @ e["k_rope"].T)
+            assert not torch.allclose(e["q_rope"], e["q"])
+        else:
+            assert "q_rope" not in [step.key for step in e.steps]
         # The weights equal the model's own attention maps; each row sums to 1; the future is masked.
         torch.testing.assert_close(e["weights"], model.attention_maps(idx)[layer][0, head])
         torch.testing.assert_close(e["weights"].sum(-1), torch.ones(T))

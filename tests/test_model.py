@@ -1,9 +1,10 @@
 """The model: attention paths agree, causality, initialisation, loss, learning; on each test device."""
 
+import pytest
 import torch
 
 from minigpt.config import ModelConfig
-from minigpt.model import GPT
+from minigpt.model import GPT, rotary_angles, rotate
 
 
 def make(seed=0, device="cpu", **kw):
@@ -12,8 +13,9 @@ def make(seed=0, device="cpu", **kw):
     return GPT(cfg, vocab_size=11).to(device).eval()
 
 
-def test_explicit_attention_equals_fused(device):
-    model = make(device=device)
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_explicit_attention_equals_fused(device, position):
+    model = make(device=device, position=position)
     idx = torch.randint(0, 11, (3, 16), device=device)
     fused, _ = model(idx)
     model.set_fused_attention(False)
@@ -22,8 +24,9 @@ def test_explicit_attention_equals_fused(device):
     assert not torch.equal(fused, torch.zeros_like(fused))
 
 
-def test_future_tokens_do_not_change_past_logits(device):
-    model = make(device=device)
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_future_tokens_do_not_change_past_logits(device, position):
+    model = make(device=device, position=position)
     idx = torch.randint(0, 11, (2, 16), device=device)
     changed = idx.clone()
     changed[:, 9:] = (changed[:, 9:] + 1) % 11
@@ -42,6 +45,30 @@ def test_attention_weights_rows_sum_to_one_and_are_causal(device):
     for w in maps:
         assert torch.allclose(w.sum(-1), torch.ones(2, 4, 10, device=w.device), atol=1e-6)
         assert torch.all(torch.triu(w, diagonal=1) == 0)
+
+
+def test_rope_scores_depend_only_on_the_distance_between_positions():
+    """A rotated query at position i against a rotated key at j scores the same as at i + s and j + s."""
+    torch.manual_seed(0)
+    cos, sin = rotary_angles(32, 8)
+    q, k = torch.randn(8), torch.randn(8)
+    score = lambda i, j: rotate(q, cos[i], sin[i]) @ rotate(k, cos[j], sin[j])
+    for i, j, shift in ((5, 2, 7), (9, 9, 20), (3, 0, 28)):
+        torch.testing.assert_close(score(i, j), score(i + shift, j + shift))
+    assert not torch.isclose(score(5, 2), score(5, 4))  # but the distance itself matters
+    torch.testing.assert_close(rotate(q, cos[0], sin[0]), q)  # position 0 is not turned
+    torch.testing.assert_close(rotate(q, cos[13], sin[13]).norm(), q.norm())  # a rotation keeps the length
+
+
+def test_rope_model_has_no_position_embedding_and_sees_order():
+    """Without wpe the model still tells orders apart: the same characters in another order give other logits."""
+    model = make(position="rope")
+    assert "wpe" not in model.transformer and "wpe" in make().transformer
+    assert model.num_params() == model.num_params(non_embedding=False)
+    assert make().num_params(non_embedding=False) - make().num_params() == 16 * 32
+    idx = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    swapped = torch.tensor([[2, 1, 3, 4, 5, 6]])
+    assert not torch.allclose(model(idx)[0][0, -1], model(swapped)[0][0, -1], atol=1e-4)
 
 
 def test_weights_are_tied_and_residual_projections_scaled():

@@ -24,10 +24,11 @@ def one_thread():
 
 
 def make_model(block_size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float64, bias: bool = True,
-               device: torch.device | str = "cpu") -> GPT:
+               device: torch.device | str = "cpu", position: str = "learned") -> GPT:
     """A small random model with sharpened logits (so greedy choices are not near-ties), on `device`."""
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, dropout=0.0, bias=bias), VOCAB)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, dropout=0.0, bias=bias,
+                            position=position), VOCAB)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     return model.to(device=device, dtype=dtype).eval()
@@ -39,8 +40,9 @@ def greedy(model: GPT, prompt: list[list[int]], n: int, use_cache: bool) -> list
     return torch.cat(out, dim=1).tolist()
 
 
-def test_greedy_cached_equals_uncached_up_to_block_size(device):
-    model = make_model(block_size=16, device=device)
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_greedy_cached_equals_uncached_up_to_block_size(device, position):
+    model = make_model(block_size=16, device=device, position=position)
     for prompt in ([[3]], [[1, 2, 3, 4, 5]], [[7, 1], [2, 9]]):
         n = 16 - len(prompt[0]) + 1  # the last id is chosen from a full window of block_size positions
         assert greedy(model, prompt, n, use_cache=True) == greedy(model, prompt, n, use_cache=False)
@@ -51,10 +53,10 @@ def test_greedy_cached_equals_uncached_in_float32(device):
     assert greedy(model, [[4, 2]], 15, use_cache=True) == greedy(model, [[4, 2]], 15, use_cache=False)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_lean_path_equals_model_forward_with_cache(device, bias):
+@pytest.mark.parametrize("bias,position", [(True, "learned"), (False, "learned"), (True, "rope")])
+def test_lean_path_equals_model_forward_with_cache(device, bias, position):
     """The lean path: a prompt into an empty cache (fill), then two single positions (step), against the modules."""
-    model = make_model(block_size=16, dtype=torch.float32, bias=bias, device=device)
+    model = make_model(block_size=16, dtype=torch.float32, bias=bias, device=device, position=position)
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]], device=device)
     with torch.inference_mode():
         cache = model.new_kv_cache(2)
@@ -130,8 +132,9 @@ def reference_rebuild_strategy(model: GPT, prompt: list[int], n: int) -> list[in
     return out
 
 
-def test_beyond_block_size_cached_follows_the_documented_strategy(device):
-    model = make_model(block_size=8, device=device)
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_beyond_block_size_cached_follows_the_documented_strategy(device, position):
+    model = make_model(block_size=8, device=device, position=position)
     assert greedy(model, [[1, 2, 3]], 40, use_cache=True)[0] == reference_rebuild_strategy(model, [1, 2, 3], 40)
 
 

@@ -1,8 +1,9 @@
 """Training to a time budget: how many steps fit in N minutes on this machine.
 
 With `train.time_budget` set, `train.max_iters` is derived instead of guessed. After the run is
-set up, a few real training steps are timed (the first ones, which include compilation and
-memory allocation, are left out of the steady-state time), then one evaluation with its text
+set up, a few real training steps are timed one by one (the first ones, which include compilation
+and memory allocation, are left out; the median of the rest is the steady-state time, so a pause
+of the machine during a few of them does not shrink the run), then one evaluation with its text
 sample, attention image and two checkpoints, written to a scratch directory (timed the second
 time: the first one warms up what evaluation uses). The run is then
 rewound to step 0 from an in-memory snapshot (weights, optimizer, RNG streams), so the steps
@@ -20,6 +21,7 @@ import copy
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -126,11 +128,12 @@ def measure(run: Run, take_step: StepFn, evaluate: Callable[[Run], None], budget
     float(take_step(run)[0])
     count = min(200, max(5, int(budget_s * TIMING_FRACTION / max(clock() - start, 1e-6))))
     count = run.world.share(count)  # every process must take the same steps (each one all-reduces gradients)
-    start = clock()
+    times = []
     for _ in range(count):
-        loss, _ = take_step(run)
-    float(loss)
-    step_s = (clock() - start) / count
+        start = clock()
+        float(take_step(run)[0])  # waits for the device: each step is timed whole
+        times.append(clock() - start)
+    step_s = statistics.median(times)  # a few steps slowed by something else on the machine do not count
     eval_s = _time_evaluation(run, evaluate)
     checkpoint.restore(run, snapshot)
     run.history.clear()

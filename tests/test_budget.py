@@ -100,6 +100,28 @@ def test_measuring_rewinds_so_a_budgeted_run_equals_the_fixed_step_run(tmp_path,
     assert not [p for p in timed.run_dir.iterdir() if p.name.startswith(".budget-")]
 
 
+def test_step_time_is_the_median_so_a_pause_during_measuring_does_not_shrink_the_run(tmp_path, corpus, monkeypatch):
+    """A clock on which every timed interval is 0.1 s, except one step that the machine stalled for 5 s."""
+    calls = {"n": 0}
+
+    def fake_clock():
+        calls["n"] += 1
+        return calls["n"] * 0.1 + (5.0 if calls["n"] >= 6 else 0.0)  # the jump lands inside the second timed step
+
+    seen = []
+
+    def recording_plan(budget_s, costs, interval):
+        seen.append(costs)
+        return 12
+
+    monkeypatch.setattr(budget, "clock", fake_clock)
+    monkeypatch.setattr(budget, "plan_steps", recording_plan)
+    train(tiny_config(tmp_path / "m", corpus, "train.time_budget=60s", *FAST), progress=False)
+    # 60 s * 1.5% / 0.1 s: 8 or 9 timed steps (two clock readings each), one of them 5.1 s: a mean of over 0.6 s
+    assert calls["n"] in (2 + 2 * 8 + 2, 2 + 2 * 9 + 2) and len(seen) == 1
+    assert seen[0].step_s == pytest.approx(0.1 * budget.HEADROOM)
+
+
 def test_budgeted_run_stopped_and_resumed_equals_one_never_stopped(tmp_path, corpus, monkeypatch):
     sets = ["train.time_budget=1h", "train.eval_interval=5", "train.gradient_accumulation_steps=2", *FAST]
     monkeypatch.setattr(budget, "plan_steps", fixed_plan(20))

@@ -33,7 +33,9 @@ class ModelConfig:
     block_size: int = 64  # context length in characters (T at most)
     dropout: float = 0.0  # dropout probability on embeddings, attention weights and residuals
     bias: bool = True  # biases in Linear layers and LayerNorms
-    position: Literal["learned", "rope"] = "learned"  # learned: a position embedding added to the input (GPT-2); rope: queries and keys rotated by position (RoPE)
+    # learned: a position embedding wpe added to the input (GPT-2); rope: no wpe, each query and key
+    # turned by angles that grow with its position (rotary position embedding, RoPE)
+    position: Literal["learned", "rope"] = "learned"
 
 
 @dataclass

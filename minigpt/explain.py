@@ -152,7 +152,7 @@ def _explain(model: GPT, ids: list[int], vocab: list[str], layer: int, head: int
         steps.append(Step(key, title, value.detach().float().cpu(), columns))
         return value
 
-    # Embeddings: a row of wte per character, a row of wpe per position, added.
+    # Embeddings: a row of wte per character, a row of wpe per position, added (RoPE: wte alone).
     idx = torch.tensor(ids, dtype=torch.long, device=device)  # (T,)
     tok = keep("tok_emb", "token embeddings: the row of wte for each character", tr.wte.weight[idx])  # (T, C)
     if "wpe" in tr:

@@ -218,11 +218,11 @@ def lean_forward(model: GPT, weights: list[tuple], idx: torch.Tensor, cache: KVC
         x = x + tr.wpe.weight[:T]
     x = x.view(B * T, C)
     rope = rope_tables(model)
+    turn = tuple(table[:T, None, None] for table in rope) if rope else None  # RoPE's cos, sin: (T, 1, 1, hs/2)
     for layer, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, *mlp) in zip(cache.layers, weights):
         qkv = _addmm(attn_b, F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w).view(B, T, 3, nh, hs)
-        if rope:  # queries and keys turned by their positions 0 .. T-1
-            cos, sin = (table[:T, None, None] for table in rope)  # (T, 1, 1, hs/2)
-            qkv[:, :, :2] = rotate(qkv[:, :, :2], cos, sin)
+        if turn:  # queries and keys turned by their positions 0 .. T-1
+            qkv[:, :, :2] = rotate(qkv[:, :, :2], *turn)
         k, v = layer.append_kv(qkv[:, :, 1:].permute(0, 3, 1, 2, 4))  # (B, nh, T, hs) each
         y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), k, v, is_causal=T > 1)  # (B, nh, T, hs)
         x = _addmm(x if proj_b is None else x + proj_b, y.transpose(1, 2).reshape(B * T, C), proj_w)  # residual
@@ -277,10 +277,11 @@ class Decoder:
         x = F.embedding(idx[:, 0], tr.wte.weight)  # (B, C)
         if "wpe" in tr:
             x = x + tr.wpe.weight[pos]
+        turn = (self.rope[0][pos], self.rope[1][pos]) if self.rope else None  # RoPE's cos, sin at pos: the same in every layer
         for i, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, *mlp) in enumerate(self.weights):
             _addmm(attn_b, F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w, out=self.qkv[i])  # q, k, v
-            if self.rope:
-                self.query_key[i].copy_(rotate(self.query_key[i], self.rope[0][pos], self.rope[1][pos]))
+            if turn:
+                self.query_key[i].copy_(rotate(self.query_key[i], *turn))
             self.slot[i][pos].copy_(self.new_kv[i])  # the new key and value join the cache
             k, v = self.seen[i][pos]  # (B, nh, pos + 1, hs): every key and value so far
             y = F.scaled_dot_product_attention(self.query[i], k, v)  # (B, nh, 1, hs)

@@ -181,6 +181,8 @@ def _explain(model: GPT, ids: list[int], vocab: list[str], layer: int, head: int
         out = xn @ attn.c_attn.weight[rows].T
         return out + attn.c_attn.bias[rows] if attn.c_attn.bias is not None else out
 
+    future = torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)  # key j > query i: masked
+
     def attend(h: int, record: bool) -> torch.Tensor:
         """The steps of one head, recorded for the chosen one; its output (T, hs)."""
         show = keep if record else (lambda key, title, value, columns="channels": value)
@@ -196,7 +198,6 @@ def _explain(model: GPT, ids: list[int], vocab: list[str], layer: int, head: int
         scores = show("scores", "scores = q @ k.T: how well each query (row) matches each key (column)",
                       q @ k.T, "characters")  # (T, T)
         scaled = show("scaled", f"scaled = scores / sqrt(hs) = scores / sqrt({hs})", scores / math.sqrt(hs), "characters")
-        future = torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)  # key j > query i
         masked = show("masked", "causal mask: -inf above the diagonal (no position sees its future)",
                       scaled.masked_fill(future, float("-inf")), "characters")
         weights = show("weights", "softmax over each row: the attention weights", F.softmax(masked, dim=-1), "characters")

@@ -279,12 +279,10 @@ class Model:
 
     def explain(self, prompt: str, layer: int = 0, head: int = 0, unknown: str = "error") -> Explanation:
         """Head `head` of layer `layer` on the prompt, step by step (print it, or .to_dict() for every number)."""
-        from minigpt import explain
+        from minigpt import evaluate, explain
 
         check_unknown(unknown)
-        ids = self.tokenizer.encode(prompt, unknown)[-self.config.model.block_size:]
-        if not ids:
-            raise PromptError("the prompt is empty; pass some text with --prompt")
+        ids, _ = evaluate.prompt_ids(self.loaded, prompt, unknown)
         return explain.explain(self.module, ids, self.tokenizer.chars, layer, head)
 
     def info(self) -> dict:

@@ -191,16 +191,21 @@ def pick(value: int | None, count: int, name: str) -> list[int]:
     return [value]
 
 
+def prompt_ids(loaded: LoadedModel, prompt: str, unknown: UnknownPolicy = "error") -> tuple[list[int], int]:
+    """The ids of the prompt's last block_size characters, and how many characters before them were dropped."""
+    ids = loaded.tokenizer.encode(prompt, unknown)
+    if not ids:
+        raise PromptError("the prompt is empty; pass some text with --prompt")
+    dropped = max(0, len(ids) - loaded.config.model.block_size)
+    return ids[dropped:], dropped
+
+
 def attention(loaded: LoadedModel, prompt: str, layer: int | None = None, head: int | None = None,
               unknown: UnknownPolicy = "error") -> Attention:
     """The explicit-path attention weights of `prompt` (its last block_size characters)."""
     c = loaded.config.model
     layers, heads = pick(layer, c.n_layer, "layer"), pick(head, c.n_head, "head")
-    ids = loaded.tokenizer.encode(prompt, unknown)
-    if not ids:
-        raise PromptError("the prompt is empty; pass some text with --prompt")
-    dropped = max(0, len(ids) - c.block_size)
-    ids = ids[dropped:]
+    ids, dropped = prompt_ids(loaded, prompt, unknown)
     return Attention(chars=list(loaded.tokenizer.decode(ids)), maps=attention_of(loaded.model, ids, layers, heads),
                      dropped=dropped)
 

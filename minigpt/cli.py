@@ -383,7 +383,7 @@ def eval_(
     if split not in (None, "train", "val"):
         raise PromptError(f"--split must be train or val, got {split!r}")
     model = _load_checkpoint(checkpoint, device, unknown)  # torch is imported after the checks: it is slow to import
-    result = model.evaluate(file=file, split=None if file is not None else split or "val", stride=stride, unknown=unknown)
+    result = model.evaluate(file=file, split=split, stride=stride, unknown=unknown)  # no source: the val split
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     else:

@@ -133,12 +133,13 @@ def _counting(replacement: str) -> Callable[[UnicodeError], tuple[str, int]]:
     return handler
 
 
+codecs.register_error("minigpt-replace", _counting("\ufffd"))  # registered once; each counts into _BAD_BYTES
+codecs.register_error("minigpt-ignore", _counting(""))
+
+
 def _error_handler(errors: str) -> str:
     """The codec error handler name for data.errors: strict as it is; replace and ignore counted."""
-    if errors == "strict":
-        return errors
-    codecs.register_error(f"minigpt-{errors}", _counting("\ufffd" if errors == "replace" else ""))
-    return f"minigpt-{errors}"
+    return errors if errors == "strict" else f"minigpt-{errors}"
 
 
 def _decoded_chunks(files: list[Path], data: DataConfig, on_bytes: Callable[[int], None] | None = None,

@@ -10,14 +10,11 @@ From Python (see minigpt/api.py and the README's "Use from Python"):
 The API is imported on first use, so `import minigpt` does not import torch.
 """
 
-import sys
-import types
-
 __version__ = "0.1.0"
 
 _API = {
     "load": "minigpt.api", "train": "minigpt.api", "Model": "minigpt.api", "Conversation": "minigpt.api",
-    "resolve_config": "minigpt.api", "Config": "minigpt.config", "TrainResult": "minigpt.train",
+    "resolve_config": "minigpt.api", "Config": "minigpt.config", "TrainResult": "minigpt.training",
     "Explanation": "minigpt.explain", "MiniGPTError": "minigpt.errors", "Interrupted": "minigpt.errors",
 }
 __all__ = sorted(_API)
@@ -30,18 +27,3 @@ def __getattr__(name: str):
     import importlib
 
     return getattr(importlib.import_module(_API[name]), name)
-
-
-class _Package(types.ModuleType):
-    """The package, with `minigpt.train` kept as the API's function.
-
-    Importing the submodule minigpt.train (the training loop) would otherwise bind the package's
-    attribute `train` to that module; the submodule stays importable as `from minigpt.train import ...`."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "train" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

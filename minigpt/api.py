@@ -17,62 +17,31 @@ from __future__ import annotations
 
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 from minigpt import config as config_mod
-from minigpt.config import Config, Overrides
-from minigpt.errors import ConfigError, PromptError
+from minigpt.config import Config, ConfigLike, Overrides
+from minigpt.errors import PromptError
+from minigpt.generation import MAX_NEW_TOKENS, PROMPT, SEED, TEMPERATURE  # sampling defaults
 
 if TYPE_CHECKING:
     import torch
 
-    from minigpt.evaluate import Attention, Evaluation, Surprise
+    from minigpt.checkpoint import LoadedModel
     from minigpt.explain import Explanation
+    from minigpt.inspection import Attention, Evaluation, Surprise
     from minigpt.model import GPT
-    from minigpt.sample import LoadedModel
     from minigpt.tokenizer import CharTokenizer
-    from minigpt.train import TrainResult
+    from minigpt.training import TrainResult
 
-# Sampling defaults, shared by Model.generate and `minigpt sample`.
-PROMPT = "\n"  # text to continue; an empty prompt also starts from a newline
-MAX_NEW_TOKENS = 500  # characters to generate
-TEMPERATURE = 0.8  # 0 is greedy; 1 samples the model's distribution as it is
-SEED = 1337  # the same seed gives the same text
 UNKNOWN = ("error", "skip", "replace")  # what to do with characters outside the vocabulary
 
-ConfigLike = Union[str, Path, Mapping[str, Any], Config]
 Stops = Union[str, Sequence[str], None]
 
 
 # ----------------------------------------------------------------------------- training
 
-def resolve_config(config: ConfigLike, overrides: Overrides | None = None, data: str | Path | Sequence | None = None,
-                   device: str | None = None, out_dir: str | Path | None = None) -> Config:
-    """A validated Config from a YAML path, a dict (the YAML's sections) or a Config, with overrides applied.
-
-    `overrides` are `--set` strings (["train.max_iters=100"]) or a mapping ({"train.max_iters": 100});
-    `data`, `device` and `out_dir` set data.path, train.device and train.out_dir. Everything goes
-    through the same validator as a config file, and every problem is reported at once."""
-    extra: dict[str, Any] = {}
-    if data is not None:
-        extra["data.path"] = [str(p) for p in data] if isinstance(data, (list, tuple)) else str(data)
-    if device is not None:
-        extra["train.device"] = device
-    if out_dir is not None:
-        extra["train.out_dir"] = str(out_dir)
-    if isinstance(config, (str, Path)):
-        raw, source, name = config_mod.read_yaml(Path(config)), str(config), Path(config).stem
-    elif isinstance(config, Config):
-        raw, source, name = config_mod.to_dict(config), f"config {config.name!r}", config.name
-    elif isinstance(config, Mapping):
-        raw, source, name = dict(config), "config dict", "run"
-    else:
-        raise ConfigError(f"config must be a YAML file path, a dict or a minigpt Config, got {type(config).__name__}")
-    raw = config_mod.apply_overrides(config_mod.apply_overrides(raw, overrides or []), extra)
-    shown = [config_mod.describe_overrides(o) for o in (overrides, extra) if o]
-    if shown:
-        source += " with --set " + ", ".join(shown)
-    return config_mod.from_dict(raw, source=source, name=name)
+resolve_config = config_mod.load  # a YAML path, a dict of sections or a Config, with overrides applied
 
 
 def train(config: ConfigLike, overrides: Overrides | None = None, data: str | Path | Sequence | None = None, *,
@@ -81,13 +50,13 @@ def train(config: ConfigLike, overrides: Overrides | None = None, data: str | Pa
           init_from: str | Path | None = None) -> TrainResult:
     """Train in this process, as `minigpt train` does; return the run directory, best val loss and history.
 
-    `config`, `overrides`, `data`, `device` and `out_dir` are as in `resolve_config`. `resume=True`
+    `config`, `overrides`, `data`, `device` and `out_dir` are as in `resolve_config` (minigpt.config.load). `resume=True`
     continues the run directory's last.pt, a path continues that checkpoint. `init_from` (a run
     directory or checkpoint) fine-tunes: a new run starts from that model's weights. The progress bar goes
     to stderr (a widget in Jupyter when ipywidgets is installed). A first Ctrl-C, or the stop
     button of a notebook, ends the current step, saves last.pt and raises `Interrupted`.
     Several processes (torchrun) are the CLI's `--nproc`."""
-    from minigpt.train import train as run_training
+    from minigpt.training import train as run_training
 
     cfg = resolve_config(config, overrides, data, device, out_dir)
     hint = resume_hint or "the same minigpt.train(...) call with resume=True"
@@ -100,8 +69,8 @@ def train(config: ConfigLike, overrides: Overrides | None = None, data: str | Pa
 
 def load(path: str | Path, device: str = "auto") -> Model:
     """A trained model from a checkpoint file or a run directory (its best.pt), in eval mode on `device`."""
+    from minigpt.checkpoint import load_model
     from minigpt.device import resolve_device
-    from minigpt.sample import load_model
 
     return Model(load_model(str(path), resolve_device(device)))
 
@@ -109,14 +78,15 @@ def load(path: str | Path, device: str = "auto") -> Model:
 def check_unknown(unknown: str) -> None:
     """Refuse an unknown-character policy other than error, skip or replace."""
     if unknown not in UNKNOWN:
-        raise PromptError(f"--unknown must be error, skip or replace, got {unknown!r}")
+        raise PromptError(f"{{--unknown}} must be error, skip or replace, got {unknown!r}")
 
 
 def check_one_source(what: str, **given: Any) -> None:
     """Refuse more than one of the named text sources (text, file, split)."""
     passed = [name for name, value in given.items() if value is not None]
     if len(passed) > 1:
-        raise PromptError(f"{what} one of {', '.join('--' + n for n in given)} at a time, not {' and '.join(passed)}")
+        raise PromptError(f"{what} one of {', '.join('{--' + n + '}' for n in given)} at a time, "
+                          f"not {' and '.join('{--' + n + '}' for n in passed)}")
 
 
 def stop_list(stop: Stops) -> tuple[str, ...]:
@@ -193,10 +163,10 @@ class Model:
                top_k: int | None = None, top_p: float | None = None, stop: Stops = None, seed: int = SEED, *,
                unknown: str = "error", use_cache: bool = True, include_prompt: bool = True) -> Iterator[str]:
         """`generate`, piece by piece as the characters come (the prompt first, if include_prompt)."""
-        from minigpt import sample
+        from minigpt import generation
 
         check_unknown(unknown)
-        with closing(sample.stream(self.loaded, prompt, max_new_tokens, temperature, top_k, 1, seed, unknown,
+        with closing(generation.stream(self.loaded, prompt, max_new_tokens, temperature, top_k, 1, seed, unknown,
                                    use_cache, top_p, stop_list(stop))) as pieces:
             _, start = next(pieces)  # the prompt as the model reads it
             if include_prompt:
@@ -209,17 +179,17 @@ class Model:
                       stop: Stops = None, seed: int = SEED, *, unknown: str = "error",
                       use_cache: bool = True) -> list[str]:
         """`num_samples` independent continuations (prompt included), generated in one batch."""
-        from minigpt import sample
+        from minigpt import generation
 
         check_unknown(unknown)
-        return sample.sample(self.loaded, prompt, max_new_tokens, temperature, top_k, num_samples, seed, unknown,
+        return generation.sample(self.loaded, prompt, max_new_tokens, temperature, top_k, num_samples, seed, unknown,
                              use_cache, top_p=top_p, stop=stop_list(stop))
 
     def conversation(self, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
                      top_k: int | None = None, top_p: float | None = None, stop: Stops = None, seed: int = SEED, *,
                      unknown: str = "error", use_cache: bool = True) -> Conversation:
         """A conversation: you write a line, the model continues it (`minigpt sample --interactive`)."""
-        from minigpt.sample import check_options
+        from minigpt.generation import check_options
 
         check_unknown(unknown)
         check_options(max_new_tokens, temperature, top_k, 1, top_p, stop_list(stop))
@@ -230,10 +200,10 @@ class Model:
     def attention_maps(self, prompt: str, layer: int | None = None, head: int | None = None,
                        unknown: str = "error") -> Attention:
         """Per (layer, head), the (T, T) attention weights of the prompt's last block_size characters, with those characters."""
-        from minigpt import evaluate
+        from minigpt import inspection
 
         check_unknown(unknown)
-        return evaluate.attention(self.loaded, prompt, layer, head, unknown)
+        return inspection.attention(self.loaded, prompt, layer, head, unknown)
 
     def attention(self, prompt: str, unknown: str = "error") -> torch.Tensor:
         """The attention weights of every layer and head, (n_layer, n_head, T, T): row = query, column = key."""
@@ -255,41 +225,41 @@ class Model:
     def surprise(self, text: str | None = None, *, file: str | Path | None = None, stride: int | None = None,
                  unknown: str = "error") -> Surprise:
         """How many bits each character of a text (or a file) costs the model, -log2 p(char | context)."""
-        from minigpt import evaluate
+        from minigpt import inspection
 
         check_unknown(unknown)
         if (text is None) == (file is None):
-            raise PromptError("pass exactly one of --text TEXT or --file FILE")
+            raise PromptError("pass exactly one of {--text} or {--file}")
         if file is not None:
-            text = evaluate.read_text_file(self.loaded, Path(file))
-        return evaluate.surprise(self.loaded, text, stride, unknown)
+            text = inspection.read_text_file(self.loaded, Path(file))
+        return inspection.surprise(self.loaded, text, stride, unknown)
 
     def evaluate(self, text: str | None = None, *, file: str | Path | None = None, split: str | None = None,
                  stride: int | None = None, unknown: str = "error") -> Evaluation:
         """Exact bits per character of a text, a file, or the train or val split (default: val); `.bpc` is the score."""
-        from minigpt import evaluate
+        from minigpt import inspection
 
         check_unknown(unknown)
         check_one_source("pass", text=text, file=file, split=split)
         if text is not None:
-            return evaluate.evaluate_ids(self.loaded, evaluate.encode_text(self.loaded, text, unknown), "text", stride)
+            return inspection.evaluate_ids(self.loaded, inspection.encode_text(self.loaded, text, unknown), "text", stride)
         if file is not None:
-            return evaluate.evaluate_file(self.loaded, Path(file), stride, unknown)
-        return evaluate.evaluate_split(self.loaded, split or "val", stride)
+            return inspection.evaluate_file(self.loaded, Path(file), stride, unknown)
+        return inspection.evaluate_split(self.loaded, split or "val", stride)
 
     def explain(self, prompt: str, layer: int = 0, head: int = 0, unknown: str = "error") -> Explanation:
         """Head `head` of layer `layer` on the prompt, step by step (print it, or .to_dict() for every number)."""
-        from minigpt import evaluate, explain
+        from minigpt import explain, inspection
 
         check_unknown(unknown)
-        ids, _ = evaluate.prompt_ids(self.loaded, prompt, unknown)
+        ids, _ = inspection.prompt_ids(self.loaded, prompt, unknown)
         return explain.explain(self.module, ids, self.tokenizer.chars, layer, head)
 
     def info(self) -> dict:
         """What the checkpoint holds, as plain data (what `minigpt info` prints)."""
-        from minigpt import evaluate
+        from minigpt.checkpoint import describe
 
-        return evaluate.describe(self.loaded)
+        return describe(self.loaded)
 
 
 class Conversation:

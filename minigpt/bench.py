@@ -33,10 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,13 +42,13 @@ from typing import Callable
 import torch
 
 from minigpt import data, device as device_mod
+from minigpt.benchprep import measure_prepare, peak_rss_mb, write_corpus
 from minigpt.config import Config
 from minigpt.distributed import World
-from minigpt.errors import MiniGPTError
 from minigpt.model import GPT
 from minigpt.run import Run, build_run, compile_and_wrap, rank_batch
-from minigpt.sample import generate
-from minigpt.train import train_step
+from minigpt.decoding import generate
+from minigpt.training import train_step
 
 SAMPLE_TOKENS = 1000  # new tokens per sampling measurement
 SAMPLE_BATCH = 8  # sequences in the batched sampling measurement
@@ -61,52 +57,11 @@ CORPUS_MB = 2  # size of the generated corpus the model trains on
 
 # ----------------------------------------------------------------------------- helpers
 
-class BenchError(MiniGPTError):
-    """A measurement could not be made (e.g. the prepare child process failed)."""
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (VmHWM on Linux, ru_maxrss elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-
-
-def write_corpus(path: Path, n_bytes: int, seed: int = 0) -> Path:
-    """Write about `n_bytes` of generated word-like text (mostly ASCII, a few accented words)."""
-    rng = random.Random(seed)
-    letters = "etaoinshrdlcumwfgypbvkjxqz"
-    words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(3000)]
-    words += ["café", "naïve", "Zürich", "señor", "—"]
-    lines = []
-    for _ in range(20000):
-        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
-        lines.append(line.capitalize() + rng.choice(".,;:!?"))
-    block = ("\n".join(lines) + "\n\n").encode("utf-8")
-    with open(path, "wb") as f:
-        written = 0
-        while written < n_bytes:
-            piece = block[: n_bytes - written]
-            while piece and (piece[-1] & 0xC0) == 0x80:  # never cut a UTF-8 character in two
-                piece = piece[:-1]
-            if not piece:
-                break
-            f.write(piece)
-            written += len(piece)
-    return path
 
 
 def matmul_peak_gflops(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.float32,
@@ -144,13 +99,13 @@ class Trainer:
     best_step_s: float = float("inf")
 
     def step(self) -> torch.Tensor:
-        """One optimizer step, exactly as minigpt.train takes it; returns the loss (on the device)."""
+        """One optimizer step, exactly as minigpt.training takes it; returns the loss (on the device)."""
         loss, _ = train_step(self.run)
         return loss
 
 
 def make_trainer(name: str, cfg: Config, prepared: data.Prepared, device: torch.device) -> Trainer:
-    """A fresh single-process run on `device`, built and compiled as minigpt.train builds it."""
+    """A fresh single-process run on `device`, built and compiled as minigpt.training builds it."""
     run = build_run(cfg, World(device=device), prepared)
     compile_and_wrap(run)
     return Trainer(name, run)
@@ -191,7 +146,7 @@ def compare_training(trainers: list[Trainer], device: torch.device, warmup_steps
 
 @torch.no_grad()
 def eval_tokens_per_s(trainer: Trainer, tokens, cfg: Config, device: torch.device, batches: int = 30) -> float:
-    """Forward passes with loss under no_grad, as minigpt.train.estimate_loss runs them."""
+    """Forward passes with loss under no_grad, as minigpt.training.estimate_loss runs them."""
     trainer.run.step_model.eval()
     generator = torch.Generator().manual_seed(0)
     world = World()
@@ -233,40 +188,6 @@ def compare_sampling(model: GPT, prompt: torch.Tensor, new_tokens: int, rounds: 
 
 
 # ----------------------------------------------------------------------------- prepare
-
-# Run in a fresh interpreter that imports minigpt.data only (not torch), so the peak memory it
-# reports is prepare's own: its arguments are the corpus and the output directory.
-PREPARE_CHILD = """
-import json, resource, sys, time
-from minigpt import data
-from minigpt.config import DataConfig
-
-def peak_mb():
-    try:
-        with open('/proc/self/status') as f:
-            return next(int(l.split()[1]) / 1024 for l in f if l.startswith('VmHWM:'))
-    except OSError:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == 'darwin' else rss / 1024
-
-before = peak_mb()
-start = time.perf_counter()
-data.prepare(DataConfig(path=sys.argv[1], prepared_dir=sys.argv[2]), block_size=8, force=True)
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb(), "start_rss_mb": before}))
-"""
-
-
-def measure_prepare(megabytes: float, workdir: Path) -> dict:
-    """Generate a corpus of `megabytes` MB and prepare it in a child process: MB/s and peak RSS."""
-    corpus = write_corpus(workdir / "prepare_corpus.txt", int(megabytes * 1024 * 1024), seed=1)
-    child = subprocess.run([sys.executable, "-c", PREPARE_CHILD, str(corpus), str(workdir / "prepare_out")],
-                           capture_output=True, text=True)
-    if child.returncode != 0:
-        raise BenchError(f"prepare of the generated corpus failed in its child process: {child.stderr.strip()[-500:]}")
-    result = json.loads(child.stdout)
-    size_mb = corpus.stat().st_size / (1024 * 1024)
-    corpus.unlink()
-    return {"mb": size_mb, "mb_per_s": size_mb / result["seconds"], **result}
 
 
 # ----------------------------------------------------------------------------- the whole benchmark

@@ -5,9 +5,9 @@ set up, a few real training steps are timed one by one (the first ones, which in
 and memory allocation, are left out; the median of the rest is the steady-state time, so a pause
 of the machine during a few of them does not shrink the run), then one evaluation with its text
 sample, attention image and two checkpoints, written to a scratch directory (timed the second
-time: the first one warms up what evaluation uses). The run is then
-rewound to step 0 from an in-memory snapshot (weights, optimizer, RNG streams), so the steps
-taken while measuring change nothing: a budgeted run equals the same config run with
+time: the first one warms up what evaluation uses). This module measures and plans;
+minigpt.training applies the plan: it rewinds the run to step 0 from an in-memory snapshot
+(weights, optimizer, RNG streams), so the steps taken while measuring change nothing: a budgeted run equals the same config run with
 `--set train.max_iters=N`. N is the largest step count whose steps and evaluations fit in what
 is left of the budget, counted from the start of the `minigpt train` process.
 
@@ -17,35 +17,27 @@ so a stopped and resumed budgeted run is the run that was never stopped.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from minigpt import checkpoint
 from minigpt.config import TrainConfig, duration_seconds
 from minigpt.errors import ConfigError
-from minigpt.tracking import Tracker
 
 if TYPE_CHECKING:
-    from minigpt.run import Run
+    import torch
 
 IMPORT_TIME = time.time()  # fallback start of the process where /proc is not available
 START_ENV = "MINIGPT_START_TIME"  # set by `minigpt train --nproc N` for its torchrun workers
 FIRST_STEPS = 5  # untimed steps: compilation, allocation, caches
 TIMING_FRACTION = 0.015  # of the budget spent timing steady-state steps (between 5 and 200 steps)
 clock = time.perf_counter  # replaceable in tests
-# Steps are planned at this multiple of the time measured in the first seconds. Seen on a shared
-# 2-core CPU: the CPU config measured 126.7 ms/step at start-up, then its 2,041 steps averaged
-# about 155 ms (the host's speed drifts within a run), and the run took 6:20 of a 5:00 budget.
+# Steps are planned at this multiple of the time measured in the first seconds: a machine's speed
+# drifts within a run (docs/time-budget.md).
 HEADROOM = 1.15
-StepFn = Callable[["Run"], tuple]  # one optimizer step of a run: (loss, grad norm), as minigpt.train.train_step
 
 
 @dataclass
@@ -118,51 +110,29 @@ def keep_resolved(t: TrainConfig, recorded: dict) -> None:
     t.max_iters, t.warmup_iters = recorded["max_iters"], recorded["warmup_iters"]
 
 
-def measure(run: Run, take_step: StepFn, evaluate: Callable[[Run], None], budget_s: float) -> Costs:
-    """Time steady-state steps and an evaluation (the second of two) on `run`, then rewind it to where it was."""
-    snapshot = copy.deepcopy(checkpoint.state_of(run))
+def measure(take_step: Callable[[], "torch.Tensor"], evaluate: Callable[[], None], budget_s: float,
+            share: Callable[[int], int] = lambda n: n) -> Costs:
+    """Time steady-state steps and an evaluation (the second of two).
+
+    `take_step()` takes one training step and returns its loss (on the device); `evaluate()`
+    makes one evaluation as the run makes them. `share` gives every process rank 0's count of
+    timed steps (each step all-reduces gradients, so all must take the same number). The caller
+    rewinds the run afterwards: measuring changes nothing it keeps."""
     for _ in range(FIRST_STEPS):
-        loss, _ = take_step(run)
+        loss = take_step()
     float(loss)  # waits for the device: what follows is the steady state
     start = clock()
-    float(take_step(run)[0])
+    float(take_step())
     count = min(200, max(5, int(budget_s * TIMING_FRACTION / max(clock() - start, 1e-6))))
-    count = run.world.share(count)  # every process must take the same steps (each one all-reduces gradients)
+    count = share(count)
     times = []
     for _ in range(count):
         start = clock()
-        float(take_step(run)[0])  # waits for the device: each step is timed whole
+        float(take_step())  # waits for the device: each step is timed whole
         times.append(clock() - start)
     step_s = statistics.median(times)  # a few steps slowed by something else on the machine do not count
-    eval_s = _time_evaluation(run, evaluate)
-    checkpoint.restore(run, snapshot)
-    run.history.clear()
+    evaluate()  # the first one also imports and warms up what evaluation uses (matplotlib, sampling)
+    start = clock()
+    evaluate()
+    eval_s = clock() - start
     return Costs(elapsed_s=time.time() - process_start_time(), step_s=step_s * HEADROOM, eval_s=eval_s * HEADROOM)
-
-
-def _time_evaluation(run: Run, evaluate: Callable[[Run], None]) -> float:
-    """Seconds for one evaluation as the run makes it, its logs and checkpoints going to a scratch directory."""
-    out_dir, tracker = run.cfg.train.out_dir, run.tracker
-    scratch = Path(tempfile.mkdtemp(prefix=".budget-", dir=run.run_dir if run.world.is_main else None))  # rank 0 writes
-    try:
-        run.cfg.train.out_dir, run.quiet = str(scratch), True
-        run.tracker = Tracker(scratch, 0, 1, enabled=run.world.is_main, progress=False)
-        evaluate(run)  # the first one also imports and warms up what evaluation uses (matplotlib, sampling)
-        run.best_val_loss = math.inf  # so the timed one writes best.pt as well as last.pt
-        start = clock()
-        evaluate(run)
-        return clock() - start
-    finally:
-        run.tracker.close()
-        run.cfg.train.out_dir, run.tracker, run.quiet = out_dir, tracker, False
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def fit(run: Run, take_step: StepFn, evaluate: Callable[[Run], None]) -> Costs:
-    """Derive train.max_iters from the time budget: rank 0 measures and decides, every process uses its number."""
-    budget_s = seconds(run.cfg.train)
-    costs = measure(run, take_step, evaluate, budget_s)
-    steps = plan_steps(budget_s, costs, run.cfg.train.eval_interval) if run.world.is_main else 0
-    apply(run.cfg.train, run.world.share(steps))
-    run.budget_end = process_start_time() + budget_s
-    return costs

@@ -5,30 +5,34 @@ module's weights (never a compiled or DDP-wrapped module's prefixed keys), the o
 step, every RNG state that feeds batches and dropout, the resolved config, the tokenizer's
 vocabulary, the best validation loss, where the data came from and, for a fine-tuned run,
 where its first weights came from (`init_from`). Only plain types and
-tensors are stored, so `torch.load(weights_only=True)` reads it.
-
-`state_of` lists what a checkpoint holds about a training run and `restore` puts it back: the
-one place where a run's state is turned into a checkpoint and back.
+tensors are stored, so `torch.load(weights_only=True)` reads it. What a training run puts into
+a checkpoint, and takes back on resume, is listed once, in minigpt.run (`Run.state`).
 
 A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
 renamed over the old one: a process killed at any moment leaves the previous file intact.
 A run directory keeps two: `last.pt` (resume from here) and `best.pt` (lowest val loss).
+
+`load_model` turns a checkpoint into a model ready for inference (`LoadedModel`), and
+`describe` says what a checkpoint holds.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from minigpt import config as config_mod
+from minigpt.config import Config
+from minigpt.data import corpus_name
 from minigpt.errors import CheckpointError, first_line
-
-if TYPE_CHECKING:
-    from minigpt.run import Run
+from minigpt.model import GPT
+from minigpt.tokenizer import CharTokenizer
 
 FORMAT = "minigpt-checkpoint"
 VERSION = 1
@@ -41,40 +45,6 @@ def clean_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
         module = getattr(module, "module", None) or getattr(module, "_orig_mod")
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def state_of(run: Run) -> dict[str, Any]:
-    """Everything sampling and an exact resume need from a run, as plain types and tensors."""
-    cuda = run.device.type == "cuda"
-    meta = run.data_meta
-    return {
-        "model": clean_state_dict(run.model),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.precision.use_scaler else None,
-        "step": run.step,
-        "best_val_loss": run.best_val_loss,
-        "config": config_mod.to_dict(run.cfg),
-        "tokenizer": run.tokenizer.to_dict(),
-        "rng": {"batch": run.batch_generator.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(run.device) if cuda else None},
-        "data": {"sources": meta["sources"], "sha256": meta["source_sha256"],
-                 "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]},
-        "init_from": run.init_from,  # fine-tuning: the checkpoint (and step) the first weights came from
-    }
-
-
-def restore(run: Run, payload: dict[str, Any]) -> None:
-    """Put a checkpoint's training state (from `state_of`) back into `run`, RNG streams included."""
-    run.model.load_state_dict(payload["model"])
-    run.optimizer.load_state_dict(payload["optimizer"])
-    if run.precision.use_scaler and payload.get("scaler"):
-        run.scaler.load_state_dict(payload["scaler"])
-    run.batch_generator.set_state(payload["rng"]["batch"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    if run.device.type == "cuda" and payload["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(payload["rng"]["cuda"], run.device)
-    run.step, run.best_val_loss = payload["step"], payload["best_val_loss"]
-    run.init_from = payload.get("init_from")
 
 
 def base_vocabulary(payload: dict[str, Any] | None) -> list[str] | None:
@@ -151,3 +121,48 @@ def load(path: str | Path, prefer: str = BEST, map_location: str | torch.device 
         raise CheckpointError(f"checkpoint {file} is missing {', '.join(missing)}; it is damaged, use another one")
     payload["path"] = str(file)
     return payload
+
+
+# ----------------------------------------------------------------------------- a trained model
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what it was trained with."""
+
+    model: GPT
+    tokenizer: CharTokenizer
+    config: Config
+    payload: dict
+
+
+def load_model(path: str, device: torch.device, prefer: str = BEST) -> LoadedModel:
+    """Load a checkpoint (file or run directory) into an eval-mode model on `device`."""
+    payload = load(path, prefer=prefer, map_location="cpu")
+    cfg = config_mod.from_dict(payload["config"], source=payload["path"])
+    tokenizer = CharTokenizer.from_dict(payload["tokenizer"])
+    model = GPT(cfg.model, tokenizer.vocab_size)
+    model.load_state_dict(payload["model"])
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, cfg, payload)
+
+
+def describe(loaded: LoadedModel) -> dict:
+    """What a checkpoint holds, as plain data: corpus, step, losses, size, vocabulary, data and config."""
+    p = loaded.payload
+    best = p.get("best_val_loss")
+    sources = (p.get("data") or {}).get("sources") or []
+    return {
+        "checkpoint": p["path"],
+        # What it was trained on; config.name below is only the config file it was started from.
+        "corpus": corpus_name(sources) if sources else None,
+        "step": p["step"],
+        "best_val_loss": best,
+        "best_val_bpc": best / math.log(2) if best is not None and math.isfinite(best) else None,
+        "parameters": loaded.model.num_params(non_embedding=False),
+        "parameters_non_embedding": loaded.model.num_params(),
+        "vocab_size": loaded.tokenizer.vocab_size,
+        "vocabulary": "".join(loaded.tokenizer.chars),
+        "data": p.get("data") or {},
+        **({"init_from": p["init_from"]} if p.get("init_from") else {}),  # a fine-tuned run's origin
+        "config": config_mod.to_dict(loaded.config),
+    }

@@ -1,75 +1,21 @@
-"""The `minigpt` command line: parse options, call the library, map errors to exit codes.
+"""The `minigpt` command line: parse options, call the library (minigpt.api), print results.
 
 Results (sampled text, YAML, JSON reports) go to stdout; progress and messages go to stderr.
-A user error is printed as one line, `error: ...`, with the exit code of its kind (see
-minigpt.errors); `--debug` adds the traceback. A mistake on the command line itself (an unknown
-option, a missing value, a stray word) is one line too, `error: ...; hint`, exit code 2. A
-stdout closed early (`minigpt sample ... | head`) is a normal end: exit code 0, nothing printed.
+How a command ends on an error (one line, the exit code of its kind) is minigpt.exits.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import shlex
-import signal
 import sys
-import traceback
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import List, Optional
 
 import typer
-from typer.core import TyperGroup
 
 from minigpt import api
-from minigpt.errors import Interrupted, MiniGPTError, PromptError, TrainingError
-
-try:  # typer >= 0.2x carries its own copy of click
-    from typer._click.exceptions import ClickException, UsageError
-except ImportError:  # older typer uses click itself
-    from click.exceptions import ClickException, UsageError
-
-
-class OneLineErrors(TyperGroup):
-    """The app's command group: click's usage errors become one line on stderr, `error: ...; hint`, exit 2."""
-
-    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
-             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        argv = list(sys.argv[1:] if args is None else args)
-        try:  # not standalone: click raises its errors here instead of printing them as a box
-            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
-        except UsageError as exc:
-            if type(exc).__name__ == "NoArgsIsHelpError":  # `minigpt` alone: the help, as before
-                typer.echo(exc.format_message())
-            else:
-                typer.echo(f"error: {usage_message(exc, argv)}", err=True)
-            sys.exit(exc.exit_code)
-        except ClickException as exc:
-            typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
-            sys.exit(exc.exit_code)
-        except typer.Abort:
-            typer.echo("aborted", err=True)
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-def usage_message(exc: UsageError, argv: list[str]) -> str:
-    """Click's message on one line, with a hint: what a stray word after a flag or `--set key` means, else --help."""
-    message = " ".join(exc.format_message().split()).rstrip(".")
-    message = message[:1].lower() + message[1:]
-    ctx = exc.ctx
-    if "unexpected extra argument" in message:
-        flags = {opt for p in (ctx.command.params if ctx else []) if getattr(p, "is_flag", False)
-                 for opt in p.opts + p.secondary_opts}
-        for before, word in zip(argv, argv[1:]):
-            if before in flags and not word.startswith("-"):
-                return f"{message}; {before} is a flag and takes no value: drop {word!r} (leave the flag out for false)"
-        for option, key, word in zip(argv, argv[1:], argv[2:]):
-            if option == "--set" and "=" not in key:
-                return f"{message}; --set takes key=value as one word, e.g. --set {key}={word}"
-    return f"{message}; see '{ctx.command_path if ctx else 'minigpt'} --help'"
+from minigpt.errors import PromptError
+from minigpt.exits import OneLineErrors, ignore_further_interrupts, state, user_errors
 
 
 app = typer.Typer(
@@ -84,7 +30,6 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-_state = {"debug": False}
 
 ConfigOpt = typer.Option(..., "--config", "-c", help="YAML run config, e.g. configs/shakespeare_char_cpu.yaml.")
 SetOpt = typer.Option(None, "--set", help="Override a config value, e.g. --set train.max_iters=500 (repeatable).")
@@ -92,63 +37,10 @@ DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps 
 CheckpointOpt = typer.Option(..., "--checkpoint", help="A checkpoint file, or a run directory (its best.pt is used).")
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Turn MiniGPTError into one line on stderr and the error's exit code (plus the traceback with --debug).
-
-    A stop by a signal is reported as `stopped ...`, not as an error. A stdout closed by its reader
-    ends the command quietly with exit code 0.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BrokenPipeError:
-            _silence_stdout()
-            raise typer.Exit(0)
-        except MiniGPTError as exc:
-            if isinstance(exc, Interrupted):
-                _ignore_further_interrupts()
-            if _state["debug"]:
-                traceback.print_exc()
-            # Stops that every torchrun process agrees on (Ctrl-C, a NaN loss) are reported by rank 0 only.
-            agreed = isinstance(exc, (Interrupted, TrainingError))
-            if not (agreed and os.environ.get("RANK", "0") != "0"):
-                typer.echo(f"{'' if isinstance(exc, Interrupted) else 'error: '}{exc}", err=True)
-            raise typer.Exit(exc.exit_code)
-        except KeyboardInterrupt:
-            _ignore_further_interrupts()
-            if _state["debug"]:
-                traceback.print_exc()
-            typer.echo("aborted (second interrupt): nothing was saved after the last checkpoint", err=True)
-            raise typer.Exit(130)
-
-    return wrapper
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's last flush into a closed pipe does not fail."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # stdout is not a real file (e.g. captured by a test runner)
-        pass
-
-
-def _ignore_further_interrupts() -> None:
-    """The run has stopped (and saved): a further Ctrl-C has nothing left to stop, and would otherwise
-    land in the interpreter's exit as an "Exception ignored in atexit callback" traceback."""
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        pass
-
-
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (same exit codes).")) -> None:
     """Train a character-level GPT on any text and sample from it."""
-    _state["debug"] = debug
+    state["debug"] = debug
 
 
 def _load_config(path: Path, overrides: Optional[List[str]], device: Optional[str] = None, out_dir: Optional[Path] = None):
@@ -158,7 +50,7 @@ def _load_config(path: Path, overrides: Optional[List[str]], device: Optional[st
 def _train_args(config: Path, out_dir: Optional[Path], device: Optional[str], set_: Optional[List[str]],
                 resume: bool, resume_from: Optional[Path], overwrite: bool, init_from: Optional[Path] = None) -> list[str]:
     """The `minigpt` arguments that repeat this train command (without --nproc) in each torchrun process."""
-    args = (["--debug"] if _state["debug"] else []) + ["train", "--config", str(config)]
+    args = (["--debug"] if state["debug"] else []) + ["train", "--config", str(config)]
     args += ["--out-dir", str(out_dir)] if out_dir else []
     args += ["--device", device] if device else []
     for item in set_ or []:  # --time is among them, as train.time_budget=...
@@ -188,7 +80,7 @@ def train(
                                              "(or checkpoint's) weights; the vocabulary gains the corpus's new characters."),
 ) -> None:
     """Train a model from a YAML config (prepares the data first if needed)."""
-    from minigpt.distributed import check_launch, launch
+    from minigpt.launch import check_launch, launch
 
     if time_budget is not None:
         set_ = list(set_ or []) + [f"train.time_budget={time_budget}"]
@@ -197,7 +89,7 @@ def train(
     if nproc > 1:
         code = launch(nproc, _train_args(config, out_dir, device, set_, resume, resume_from, overwrite, init_from))
         if code in (130, 143):  # the workers stopped on a signal and saved
-            _ignore_further_interrupts()
+            ignore_further_interrupts()
         raise typer.Exit(code)
     hint = shlex.join(["minigpt"] + _train_args(config, out_dir, device, set_, True, None, False))
     api.train(cfg, resume=resume_from or resume, overwrite=overwrite, resume_hint=hint, init_from=init_from)
@@ -221,7 +113,7 @@ def sample(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context for every character (slower)."),
 ) -> None:
     """Write text with a trained model; the text streams to stdout."""
-    from minigpt.sample import check_options
+    from minigpt.generation import check_options
 
     check_options(max_new_tokens, temperature, top_k, num_samples, top_p, api.stop_list(stop))
     if interactive and num_samples != 1:
@@ -272,7 +164,7 @@ def prepare(
 ) -> None:
     """Encode the config's corpus into token arrays (train runs this automatically)."""
     from minigpt.data import prepare as run_prepare
-    from minigpt.tracking import byte_progress
+    from minigpt.console import byte_progress
 
     cfg = _load_config(config, set_)
     with byte_progress("prepare (2 passes)") as progress:  # a bar on a terminal, plain lines in a log

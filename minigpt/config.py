@@ -16,11 +16,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
 from minigpt.errors import ConfigError
+from minigpt.overrides import Overrides, apply_overrides, describe_overrides
 
 
 @dataclass
@@ -270,63 +271,6 @@ def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:
     return cfg
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """Split 'section.key=value' into its parts; the value is parsed as a YAML scalar."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.learning_rate=3e-4")
-    dotted, value_text = text.split("=", 1)
-    section, key = split_key(dotted, f"--set {text!r}")
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
-        value = value_text
-    if isinstance(value, str) and _looks_like_float(value):
-        value = float(value)  # YAML 1.1 reads "3e-4" as a string; users mean a number
-    return section, key, value
-
-
-def split_key(dotted: str, shown: str) -> tuple[str, str]:
-    """'section.key' -> (section, key); `shown` names the override in the error."""
-    parts = str(dotted).strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"{shown}: the key must be section.key, e.g. train.max_iters=100")
-    return parts[0], parts[1]
-
-
-Overrides = Union[list[str], Mapping[str, Any]]  # --set strings, or from Python {"train.max_iters": 100}
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in {"nan", "inf", "-inf", "+inf", "infinity"}
-
-
-def apply_overrides(raw: dict, overrides: Overrides) -> dict:
-    """Return a copy of the raw YAML mapping with overrides applied (validated later).
-
-    `--set` strings are parsed as YAML scalars; the values of a mapping are used as they are."""
-    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    if isinstance(overrides, Mapping):
-        items = [(*split_key(dotted, f"override {dotted!r}"), value) for dotted, value in overrides.items()]
-    else:
-        items = [parse_override(text) for text in overrides]
-    for section, key, value in items:
-        if not isinstance(merged.get(section), dict):
-            merged[section] = {}
-        merged[section][key] = value
-    return merged
-
-
-def describe_overrides(overrides: Overrides) -> str:
-    """Overrides as a user wrote them, for the source named in an error."""
-    if isinstance(overrides, Mapping):
-        return ", ".join(f"{k}={v!r}" for k, v in overrides.items())
-    return ", ".join(overrides)
-
-
 def read_yaml(path: Path) -> dict:
     """Read a config file, turning every way it can fail into a ConfigError naming the path."""
     if not path.exists():
@@ -351,12 +295,36 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def load(path: str | Path, overrides: Overrides | None = None) -> Config:
-    """Load, override and validate a config file; the run name defaults to the file's stem."""
-    path = Path(path)
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    source = f"{path} with --set {describe_overrides(overrides)}" if overrides else str(path)  # a typo may be in either
-    return from_dict(raw, source=source, name=path.stem)
+ConfigLike = Union[str, Path, Mapping[str, Any], Config]  # a YAML file, its sections as a dict, or a Config
+
+
+def load(config: ConfigLike, overrides: Overrides | None = None, data: str | Path | Sequence | None = None,
+         device: str | None = None, out_dir: str | Path | None = None) -> Config:
+    """A validated Config from a YAML path (its stem names the run), a dict of sections or a Config, overridden.
+
+    `overrides` are `--set` strings (["train.max_iters=100"]) or a mapping ({"train.max_iters": 100});
+    `data`, `device` and `out_dir` set data.path, train.device and train.out_dir. Everything goes
+    through the same validator as a config file, and every problem is reported at once."""
+    extra: dict[str, Any] = {}
+    if data is not None:
+        extra["data.path"] = [str(p) for p in data] if isinstance(data, (list, tuple)) else str(data)
+    if device is not None:
+        extra["train.device"] = device
+    if out_dir is not None:
+        extra["train.out_dir"] = str(out_dir)
+    if isinstance(config, (str, Path)):
+        raw, source, name = read_yaml(Path(config)), str(config), Path(config).stem
+    elif isinstance(config, Config):
+        raw, source, name = to_dict(config), f"config {config.name!r}", config.name
+    elif isinstance(config, Mapping):
+        raw, source, name = dict(config), "config dict", "run"
+    else:
+        raise ConfigError(f"config must be a YAML file path, a dict or a minigpt Config, got {type(config).__name__}")
+    raw = apply_overrides(apply_overrides(raw, overrides or []), extra)
+    shown = [describe_overrides(o) for o in (overrides, extra) if o]
+    if shown:  # a typo may be in the file or in an override
+        source += " with --set " + ", ".join(shown)
+    return from_dict(raw, source=source, name=name)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # torch is imported where batches are made: `minigpt prepare`
 
 from minigpt.config import DataConfig
 from minigpt.errors import DataError
+from minigpt.console import log
 from minigpt.lock import DirectoryLock
-from minigpt.tracking import log
 from minigpt.tokenizer import CharTokenizer, codepoints_of, smallest_dtype
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -1,21 +1,21 @@
 """Choosing where and how to compute: device, autocast dtype, torch.compile, CPU threads.
 
 `auto` settings resolve here, once, to concrete choices that are correct and fast on the
-hardware at hand. The CPU choices were measured with `minigpt bench` (see README, Results).
+hardware at hand. The measurements behind the CPU choices are in docs/benchmarks.md ("What `auto` chooses").
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from minigpt.console import log
 from minigpt.errors import DeviceError, first_line
-from minigpt.tracking import log
 
 
 def available_devices() -> list[str]:
@@ -72,12 +72,9 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     """'auto': bfloat16 on CUDA where supported (else float16 with loss scaling); on CPU bfloat16 where
     the CPU has native bf16 matmuls, else float32; float32 on MPS.
 
-    Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX) with configs/baby_cpu.yaml, one
-    process, alternating rounds: a bf16 matmul of the model's shapes runs at about 410 GFLOP/s
-    against 200 for float32, and a whole training step under bf16 autocast (explicit attention)
-    ran 1.48-1.67x the tokens/s of float32. Without those instructions a bf16 matmul has no
-    hardware advantage over float32, so auto keeps float32 there (not measured: this machine has
-    them). The check reads the CPU's features, not a timing, so a run's dtype is repeatable.
+    With bf16 units a training step under bf16 autocast runs about 1.5x float32; without them a
+    bf16 matmul has no hardware advantage (docs/benchmarks.md). The check reads the CPU's
+    features, not a timing, so a run's dtype is repeatable.
     """
     if name == "auto":
         if device.type == "cuda":
@@ -95,10 +92,9 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 def resolve_fused_attention(setting: bool | str, device: torch.device, precision: Precision) -> bool:
     """'auto': the fused F.scaled_dot_product_attention, except on CPU under bfloat16 autocast.
 
-    There (baby_cpu.yaml, block 64, head size 32, one process, alternating rounds) a training step
-    with the explicit attention ran 1.67x float32 eager, with the fused CPU kernel only 1.05x: that
-    kernel is built for long sequences and is slow in bf16 at this size. In float32 the fused
-    kernel is about 5% faster, so it stays the choice there and on GPUs.
+    The fused CPU kernel is built for long sequences and is slow in bf16 at this model's size;
+    in float32 it is a little faster than the explicit path, so it stays the choice there and on
+    GPUs (docs/benchmarks.md).
     """
     if setting == "auto":
         return not (device.type == "cpu" and precision.dtype == torch.bfloat16)
@@ -108,11 +104,9 @@ def resolve_fused_attention(setting: bool | str, device: torch.device, precision
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     """'auto' compiles on CUDA only.
 
-    Measured on the 2-core CPU with configs/baby_cpu.yaml (one process, alternating rounds, warm
-    compile cache): compiling added 1.09x on top of bf16 eager (1.61x against 1.48x float32
-    eager, explicit attention) and 1.03-1.26x in float32, but a cold compile takes 20-30 s, which
-    a 3-minute CPU run does not win back. So on CPU (and MPS) auto stays eager; set
-    train.compile=true for long runs on a bigger CPU.
+    On a CPU, compiling speeds a step up by about 10%, but a cold compile takes 20-30 s, which a
+    few-minute CPU run does not win back (docs/benchmarks.md). So on CPU (and MPS) auto stays
+    eager; set train.compile=true for long runs on a bigger CPU.
     """
     if setting == "auto":
         return device.type == "cuda"
@@ -178,3 +172,20 @@ def set_threads(threads: int) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+@contextmanager
+def cpu_threads(device: torch.device, n: int) -> Iterator[int]:
+    """On CPU, run the body on n threads; yield the count set before, and restore it afterwards.
+
+    Cached sampling steps one position at a time on one thread: a step is dozens of tiny
+    operations, and waking a second thread for each costs more than it saves. Filling the cache
+    (the prompt, each rebuild) and the uncached path run whole windows, which more threads do
+    faster (docs/benchmarks.md, "Sampling speed on a CPU"). Other devices are left alone."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)

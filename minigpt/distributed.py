@@ -12,16 +12,13 @@ where all of this is free. torchrun describes the world through environment vari
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); `current_world` reads them and joins the
 process group: NCCL between GPUs, gloo between CPU processes.
 
-`launch` is what `minigpt train --nproc N` runs: torchrun itself, as a child process.
+`minigpt train --nproc N` starts torchrun itself, as a child process (minigpt.launch).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import signal
-import subprocess
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
@@ -29,7 +26,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from minigpt import budget, device as device_mod
+from minigpt import device as device_mod
 from minigpt.errors import ConfigError, DeviceError
 
 T = TypeVar("T")
@@ -202,55 +199,3 @@ def current_world(device: str = "auto", batch_size: int | None = None) -> World:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if world.device.type == "cuda" else "gloo")
     return world
-
-
-# ----------------------------------------------------------------------------- launching
-
-def check_launch(nproc: int, device: str, batch_size: int) -> None:
-    """Refuse a launch that cannot work: no process, more processes than GPUs, an uneven batch, torchrun in torchrun."""
-    if nproc < 1:
-        raise DeviceError(f"--nproc must be at least 1, got {nproc}")
-    if nproc == 1:
-        return
-    per_rank_batch(batch_size, nproc)
-    if torchrun_env() is not None:
-        raise DeviceError("--nproc launches torchrun, but this process was already launched by torchrun; "
-                          "drop --nproc (torchrun's --nproc_per_node sets the number of processes)")
-    kind = process_device(device.split(":")[0], 0).type  # rejects mps and unknown names
-    if kind == "cuda":
-        check_gpus(nproc)
-
-
-def launch_command(nproc: int, minigpt_args: list[str]) -> list[str]:
-    """The torchrun command that runs `minigpt MINIGPT_ARGS` in `nproc` processes on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "minigpt", *minigpt_args]
-
-
-def launch(nproc: int, minigpt_args: list[str]) -> int:
-    """Run torchrun with `nproc` processes as a child process; return its exit code.
-
-    torchrun runs in its own session so that a Ctrl-C reaches it exactly once, from here: it
-    passes the signal on to every worker, which save a checkpoint and stop together.
-    """
-    env = dict(os.environ)
-    # torchrun would otherwise set 1 thread per process (with a warning); share the cores instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.setdefault(budget.START_ENV, str(budget.process_start_time()))  # a time budget counts from this process's start
-    child = subprocess.Popen(launch_command(nproc, minigpt_args), env=env, start_new_session=True)
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        if child.poll() is None:
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
-        return 128 + received[0]  # what the workers exit with when stopped by that signal
-    return code

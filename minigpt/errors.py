@@ -4,15 +4,48 @@ Everything a user can get wrong (a config typo, a missing corpus, a bad checkpoi
 character in a prompt) raises a subclass of `MiniGPTError` whose message says what is wrong,
 where, and how to fix it. Only `minigpt.cli` catches these: it prints the message as one line on
 stderr and exits with the error's `exit_code`.
+
+A message names the options a user can change as `{--name}` or `{--name value}`: the command
+line shows them as flags (`--unknown skip`, `exc.for_cli()`), Python as keywords
+(`unknown="skip"`, `str(exc)`), so the library says the same thing to both in their own words.
 """
 
 from __future__ import annotations
+
+import re
+
+OPTION = re.compile(r"\{--([a-z][a-z0-9-]*)(?: ([^{}]+))?\}")  # {--name} or {--name value} in a message
+
+
+def _as_keyword(match: re.Match) -> str:
+    """{--top-k} -> top_k; {--unknown skip} -> unknown="skip"; {--stride 1} -> stride=1."""
+    name, value = match.group(1).replace("-", "_"), match.group(2)
+    if value is None:
+        return name
+    try:
+        float(value)
+    except ValueError:
+        return f'{name}="{value}"'
+    return f"{name}={value}"
+
+
+def _as_flag(match: re.Match) -> str:
+    """{--top-k} -> --top-k; {--unknown skip} -> --unknown skip."""
+    return f"--{match.group(1)}" + (f" {match.group(2)}" if match.group(2) is not None else "")
 
 
 class MiniGPTError(Exception):
     """Base class of every error caused by user input rather than by a bug."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        """The message with its options named as Python keywords."""
+        return OPTION.sub(_as_keyword, super().__str__())
+
+    def for_cli(self) -> str:
+        """The message with its options named as command-line flags."""
+        return OPTION.sub(_as_flag, super().__str__())
 
 
 class ConfigError(MiniGPTError):
@@ -46,7 +79,7 @@ class DeviceError(MiniGPTError):
 
 class PromptError(MiniGPTError):
     """A prompt, or an option of a command that reads a trained model (sample, attention, surprise,
-    eval, plot), cannot be used: unknown characters, --temperature -1, --layer out of range, --out a.jpg."""
+    eval, plot), cannot be used: unknown characters, a temperature of -1, a layer out of range, --out a.jpg."""
 
     exit_code = 6
 

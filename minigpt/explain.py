@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from minigpt.evaluate import pick
+from minigpt.inspection import pick
 from minigpt.model import GPT, rotate
 from minigpt.viz import visible
 

@@ -65,7 +65,13 @@ class DirectoryLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 os.close(fd)
-                holder = _read_holder(self.path) or "a process that is just starting"
+                holder = _read_holder(self.path)
+                for _ in range(20):  # the holder writes its line right after taking the lock
+                    if holder:
+                        break
+                    time.sleep(0.025)
+                    holder = _read_holder(self.path)
+                holder = holder or "a process that is just starting"
                 raise DirectoryInUse(f"{self.directory} is in use by another {what} ({holder}); {advice}") from None
             if not self._names(fd):  # deleted (released) between our open and our flock: try the new file
                 os.close(fd)

@@ -16,7 +16,7 @@ al., 2019): pre-norm blocks, learned positions, weight tying, and residual proje
 initial weights shrink with depth. With `model.position: rope` there is no wpe: instead each
 query and key is rotated by an angle that grows with its position (RoPE, Su et al., 2021), so
 a score depends on how far apart two characters are rather than where they stand; on the CPU
-config that learns faster (README). Attention is spelled out step by step in
+config that learns faster (docs/training.md). Attention is spelled out step by step in
 `CausalSelfAttention.forward`; beside it sits the fused `F.scaled_dot_product_attention`, which
 computes the same thing faster and is used whenever the attention weights are not requested.
 

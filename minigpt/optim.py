@@ -10,7 +10,7 @@ Two optimizers are available (`train.optimizer`):
   iterations, so every direction of the update moves at the same rate; scaling the step by
   0.2 * sqrt(max(rows, cols)) gives it the size of an AdamW update (Liu et al., 2025), so one
   learning rate suits both. On the CPU config it reaches a given loss in fewer steps than AdamW
-  (README, "Recipes at a 5-minute budget"). It is written here rather than taken from
+  (docs/results.md). It is written here rather than taken from
   `torch.optim.Muon`, which runs the iteration in bfloat16 on every device: on a CPU without
   bf16 units that measured about 30 times slower than float32, more than the training step.
 

@@ -6,9 +6,8 @@ scaler, the step, the best validation loss, the generator that draws training ba
 TensorBoard tracker and the process group (`World`). `start_run` makes one, fresh, resumed
 from a checkpoint or initialised from another run's weights (fine-tuning), in the order every
 small GPT trainer sets up: lock the run directory, prepare the data, build the model and
-optimizer, restore, write the run directory, compile. `checkpoint.state_of` and
-`checkpoint.restore` write and read a run's state in one place, so the contents of a checkpoint
-are listed once.
+optimizer, restore, compile. `Run.state` and `Run.restore` turn a run's state into a
+checkpoint's contents and back in one place, so what a checkpoint holds is listed once.
 """
 
 from __future__ import annotations
@@ -22,15 +21,18 @@ from typing import Callable
 import numpy as np
 import torch
 
+from typing import Any
+
 from minigpt import budget, checkpoint, config as config_mod, data, device as device_mod
 from minigpt.config import Config
+from minigpt.console import log
 from minigpt.distributed import World, per_rank_batch
 from minigpt.errors import CheckpointError, ConfigError
 from minigpt.lock import DirectoryLock
 from minigpt.model import GPT
 from minigpt.optim import make_optimizer
 from minigpt.tokenizer import CharTokenizer
-from minigpt.tracking import Tracker, log
+from minigpt.tracking import Tracker
 
 SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias",
               "model.position")
@@ -69,7 +71,6 @@ class Run:
     best_val_loss: float = math.inf
     tracker: Tracker | None = None  # TensorBoard and the progress bar (disabled on ranks other than 0)
     budget_end: float | None = None  # when the time budget runs out (epoch seconds), for a budgeted fresh run
-    quiet: bool = False  # no progress lines (while the time budget measures an evaluation)
     history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
     init_from: dict | None = None  # where a fine-tuned run's first weights came from (kept in its checkpoints)
     lock: DirectoryLock | None = None  # rank 0's exclusive lock on the run directory, held until close()
@@ -98,7 +99,7 @@ class Run:
 
     def say(self, message: str) -> None:
         """A line of progress on stderr, from rank 0 only."""
-        if self.world.is_main and not self.quiet:
+        if self.world.is_main:
             log(message)
 
     def close(self) -> None:
@@ -108,10 +109,42 @@ class Run:
         if self.lock is not None:
             self.lock.release()
 
-    def save(self, name: str) -> None:
-        """Write the run's state to `name` (last.pt or best.pt) in its run directory; rank 0 only."""
+    def save(self, path: Path) -> None:
+        """Write the run's state to the checkpoint file `path`; rank 0 only."""
         if self.world.is_main:
-            checkpoint.save(self.run_dir / name, checkpoint.state_of(self))
+            checkpoint.save(path, self.state())
+
+    def state(self) -> dict[str, Any]:
+        """Everything sampling and an exact resume need from the run, as plain types and tensors."""
+        cuda = self.device.type == "cuda"
+        meta = self.data_meta
+        return {
+            "model": checkpoint.clean_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.precision.use_scaler else None,
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "config": config_mod.to_dict(self.cfg),
+            "tokenizer": self.tokenizer.to_dict(),
+            "rng": {"batch": self.batch_generator.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if cuda else None},
+            "data": {"sources": meta["sources"], "sha256": meta["source_sha256"],
+                     "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]},
+            "init_from": self.init_from,  # fine-tuning: the checkpoint (and step) the first weights came from
+        }
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        """Put a checkpoint's training state (from `state`) back, RNG streams included."""
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.precision.use_scaler and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.batch_generator.set_state(payload["rng"]["batch"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        if self.device.type == "cuda" and payload["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+        self.step, self.best_val_loss = payload["step"], payload["best_val_loss"]
+        self.init_from = payload.get("init_from")
 
 
 def build_run(cfg: Config, world: World, prepared: data.Prepared) -> Run:
@@ -186,7 +219,7 @@ def resume_run(run: Run, payload: dict) -> None:
     if budget.seconds(run.cfg.train):  # a budgeted run continues with the steps it derived, not new ones
         budget.keep_resolved(run.cfg.train, payload["config"]["train"])
     check_resume(payload, run.cfg, run.tokenizer, run.say)
-    checkpoint.restore(run, payload)
+    run.restore(payload)
     best = f"{run.best_val_loss:.4f}" if math.isfinite(run.best_val_loss) else "none yet"
     run.say(f"resuming {payload['path']} at step {run.step} (best val loss {best})")
 
@@ -265,7 +298,8 @@ def start_run(cfg: Config, world: World, resume: str | bool = False, overwrite: 
 
 
 def start_locked_run(cfg: Config, world: World, resume: str | bool, overwrite: bool, init_from_path: str | None) -> Run:
-    """`start_run` once rank 0 holds the run directory's lock."""
+    """`start_run` once rank 0 holds the run directory's lock. The caller writes the run directory's
+    config.yaml (`write_run_dir`) once the run's settings are final (after a time budget's plan)."""
     device_mod.set_threads(cfg.train.threads)
     if not resume and not overwrite:
         refuse_to_overwrite(cfg)
@@ -278,25 +312,5 @@ def start_locked_run(cfg: Config, world: World, resume: str | bool, overwrite: b
         resume_run(run, resumed)
     elif origin:
         init_from(run, origin)
-    if world.is_main:
-        write_run_dir(cfg)
     compile_and_wrap(run)
     return run
-
-
-def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None = None) -> None:
-    """Say what is about to run in one line (with what the time budget measured), then open the tracker."""
-    t = run.cfg.train
-    fitted = (f" (time budget {t.time_budget}: {measured.step_s * 1000:.1f} ms/step, {measured.eval_s:.1f} s per "
-              f"evaluation, {measured.elapsed_s:.1f} s to start)") if measured else ""
-    run.say(f"minigpt: {t.max_iters} steps{fitted}, {run.model.num_params() / 1e6:.2f}M parameters, "
-            f"{run.tokens_per_step} tokens/step, device {run.device}, dtype {run.precision.name}, "
-            f"{'fused' if run.fused_attention else 'explicit'} attention{', compiled' if run.compiled else ''}, {t.optimizer}, "
-            f"{torch.get_num_threads()} threads, vocab {run.tokenizer.vocab_size}, "
-            f"{run.data_meta['train_tokens']:,} train / {run.data_meta['val_tokens']:,} val characters -> {run.run_dir}")
-    if run.step >= t.max_iters:
-        unbudgeted = " --set train.time_budget=0" if budget.seconds(t) else ""  # else the recorded count is kept
-        run.say(f"the run is already complete at step {run.step} (train.max_iters {t.max_iters}); "
-                f"to train longer: --resume{unbudgeted} --set train.max_iters=N with N > {run.step}")
-    run.tracker = Tracker(run.run_dir, run.step, t.max_iters, enabled=run.world.is_main,
-                          progress=progress and run.step < t.max_iters)

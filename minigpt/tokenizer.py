@@ -46,7 +46,7 @@ class CharTokenizer:
             shown = ", ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
             raise PromptError(
                 f"{len(missing)} character(s) not in the model's vocabulary: {shown}; "
-                "remove them or pass --unknown skip (drop them) or --unknown replace (use a known character)"
+                "remove them or pass {--unknown skip} (drop them) or {--unknown replace} (use a known character)"
             )
         if unknown == "replace":
             fill = self.replacement_char()

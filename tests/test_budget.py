@@ -1,6 +1,5 @@
 """Training to a time budget: the derived step count, the rewind after measuring, exact resume, errors."""
 
-import importlib
 import re
 import signal
 
@@ -9,15 +8,14 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from minigpt import budget, checkpoint
+from minigpt import budget, checkpoint, training as train_mod
 from minigpt.budget import Costs, evaluations, plan_steps
 from minigpt.config import duration_seconds
 from minigpt.errors import ConfigError, Interrupted
-from minigpt.train import train
+from minigpt.training import train
 
 from conftest import run_cli, tiny_config
 
-train_mod = importlib.import_module("minigpt.train")  # the module: `minigpt.train` itself is the API function
 FAST = ["train.warmup_iters=2", "train.log_interval=1", "train.sample_chars=0", "train.eval_iters=2", "model.dropout=0.1"]
 
 
@@ -136,7 +134,7 @@ def test_budgeted_run_stopped_and_resumed_equals_one_never_stopped(tmp_path, cor
         return real_step(run)
 
     monkeypatch.setattr(train_mod, "train_step", interrupted_at_10)
-    monkeypatch.setattr(budget, "measure", lambda run, take_step, evaluate, budget_s: Costs(1.0, 0.1, 0.1))
+    monkeypatch.setattr(budget, "measure", lambda take_step, evaluate, budget_s, share: Costs(1.0, 0.1, 0.1))
     with pytest.raises(Interrupted, match="stopped by SIGINT at step 10"):
         train(tiny_config(tmp_path / "r", corpus, *sets), progress=False)
     monkeypatch.setattr(train_mod, "train_step", real_step)

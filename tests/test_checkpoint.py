@@ -9,8 +9,9 @@ import torch
 from minigpt import checkpoint
 from minigpt.device import resolve_device
 from minigpt.errors import CheckpointError
-from minigpt.sample import load_model, sample
-from minigpt.train import train
+from minigpt.checkpoint import load_model
+from minigpt.generation import sample
+from minigpt.training import train
 
 from conftest import tiny_config, write_corpus
 

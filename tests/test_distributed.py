@@ -22,10 +22,10 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import CONFIGS, tiny_config, tiny_sets, write_corpus
-from minigpt import checkpoint, distributed
+from minigpt import checkpoint, distributed, launch
 from minigpt.cli import app
 from minigpt.errors import ConfigError, DeviceError
-from minigpt.train import train
+from minigpt.training import train
 
 N = 6  # steps of the short runs; the long ones run 2N
 # Max |weight difference| between process counts: float32 sums added in another order. Seen: 3e-6 to 7e-6;
@@ -209,7 +209,7 @@ def test_world_from_the_environment(monkeypatch):
 
 
 def test_launch_command_repeats_the_train_command():
-    command = distributed.launch_command(2, ["train", "--config", "c.yaml"])
+    command = launch.launch_command(2, ["train", "--config", "c.yaml"])
     assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "minigpt", "train", "--config", "c.yaml"]
 

@@ -271,3 +271,16 @@ def test_damaged_checkpoint_message_is_cut_at_a_word(tmp_path, monkeypatch):
     assert shown.endswith(" ...") and len(shown) <= 124
     kept = shown[:-4]
     assert words.startswith(kept) and words[len(kept)] == " "  # ends where a word ends
+
+
+def test_options_are_flags_on_the_command_line_and_keywords_in_python():
+    """The library names an option once; the CLI shows it as a flag, Python as a keyword argument."""
+    from minigpt.tokenizer import CharTokenizer
+
+    error = PromptError("pass {--unknown skip} or lower {--top-k}; {--stride 1} or {--layer 3} {--file}")
+    assert str(error) == 'pass unknown="skip" or lower top_k; stride=1 or layer=3 file'
+    assert error.for_cli() == "pass --unknown skip or lower --top-k; --stride 1 or --layer 3 --file"
+    with pytest.raises(PromptError) as raised:
+        CharTokenizer("ab").encode("abc")
+    assert 'pass unknown="skip" (drop them) or unknown="replace"' in str(raised.value)
+    assert "pass --unknown skip (drop them) or --unknown replace" in raised.value.for_cli()

@@ -96,7 +96,7 @@ def test_json_is_complete_and_text_is_labelled():
 
 def test_out_of_range_layer_or_head_names_the_range():
     model = make_model()
-    with pytest.raises(PromptError, match="--layer 3 is out of range.*0 to 2"):
+    with pytest.raises(PromptError, match="layer=3 is out of range.*0 to 2"):
         explain(model, IDS, VOCAB, 3, 0)
-    with pytest.raises(PromptError, match="--head 4 is out of range.*0 to 3"):
+    with pytest.raises(PromptError, match="head=4 is out of range.*0 to 3"):
         explain(model, IDS, VOCAB, 0, 4)

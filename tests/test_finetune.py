@@ -9,8 +9,8 @@ from minigpt.cli import app
 from minigpt.distributed import World
 from minigpt.model import GPT
 from minigpt.run import start_run
-from minigpt.sample import load_model
-from minigpt.train import train
+from minigpt.checkpoint import load_model
+from minigpt.training import train
 
 from conftest import CONFIGS, tiny_config, tiny_sets, write_corpus
 

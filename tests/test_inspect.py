@@ -17,10 +17,10 @@ import torch
 from torch.nn import functional as F
 
 from conftest import CONFIGS, run_cli, tiny_config, tiny_sets, write_corpus
-from minigpt import evaluate, viz
+from minigpt import inspection as evaluate, scoring, viz
 from minigpt.errors import PromptError
-from minigpt.sample import load_model
-from minigpt.train import train
+from minigpt.checkpoint import load_model
+from minigpt.training import train
 
 pictures = pytest.mark.skipif(not viz.has_matplotlib(), reason="drawing pictures needs matplotlib (the plot extra)")
 
@@ -73,9 +73,9 @@ def test_attention_rows_sum_to_one_and_are_causal(loaded):
 
 
 def test_attention_refuses_out_of_range_layer_and_head(loaded):
-    with pytest.raises(PromptError, match="--layer 2 is out of range.*0 to 1"):
+    with pytest.raises(PromptError, match="layer=2 is out of range.*0 to 1"):
         evaluate.attention(loaded, TEXT, layer=2)
-    with pytest.raises(PromptError, match="--head -1 is out of range"):
+    with pytest.raises(PromptError, match="head=-1 is out of range"):
         evaluate.attention(loaded, TEXT, head=-1)
 
 
@@ -91,7 +91,7 @@ def test_surprise_bits_agree_with_the_model_loss(loaded):
 def test_strided_windows_score_every_character_once():
     for n, block, stride in [(61, 32, 16), (61, 32, 32), (61, 32, 1), (10, 32, 16), (100, 8, 3)]:
         scored = []
-        for start, first in evaluate.window_plan(n, block, stride):
+        for start, first in scoring.window_plan(n, block, stride):
             T = min(block, n - 1)
             scored += list(range(start + 1 + first, start + 1 + T))
         assert scored == list(range(1, n)), (n, block, stride)
@@ -111,12 +111,12 @@ def test_exact_eval_equals_brute_force(loaded):
     ids = torch.tensor(loaded.tokenizer.encode(TEXT + TEXT[:20]))  # 81 characters, block_size 32
     block = 32
     full = brute_force_nll(loaded.model, ids, lambda j: max(0, j - block))
-    torch.testing.assert_close(evaluate.token_nll(loaded.model, ids, stride=1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scoring.token_nll(loaded.model, ids, stride=1), full, rtol=1e-4, atol=1e-5)
     # Stride 16: target j is read in the window that first covers it (starts 0, 16, ..., end-aligned last).
-    plan = evaluate.window_plan(len(ids), block, 16)
+    plan = scoring.window_plan(len(ids), block, 16)
     owner = {start + 1 + i: start for start, first in plan for i in range(first, block)}
     strided = brute_force_nll(loaded.model, ids, lambda j: owner[j])
-    torch.testing.assert_close(evaluate.token_nll(loaded.model, ids, stride=16), strided, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scoring.token_nll(loaded.model, ids, stride=16), strided, rtol=1e-4, atol=1e-5)
     assert all(j - owner[j] >= block - 16 for j in owner if j > block)  # enough context everywhere
 
 

@@ -8,7 +8,7 @@ from minigpt.config import ModelConfig, TrainConfig
 from minigpt.errors import CheckpointError
 from minigpt.model import GPT
 from minigpt.optim import Muon, Optimizers, get_lr, make_optimizer, orthogonalize
-from minigpt.train import train
+from minigpt.training import train
 
 from conftest import tiny_config
 

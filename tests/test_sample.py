@@ -7,7 +7,10 @@ import torch
 
 from minigpt.config import Config, ModelConfig
 from minigpt.model import GPT, LayerCache
-from minigpt.sample import Decoder, LoadedModel, generate, lean_forward, pick_next, rebuild_keep, sample
+from minigpt.checkpoint import LoadedModel
+from minigpt.decoding import generate, pick_next, rebuild_keep
+from minigpt.fastpath import Decoder, lean_forward
+from minigpt.generation import sample
 from minigpt.errors import PromptError
 from minigpt.tokenizer import CharTokenizer
 
@@ -173,7 +176,7 @@ def test_seeded_sampling_with_and_without_cache_is_reproducible(device):
 def test_training_mode_uses_the_module_path(monkeypatch):
     """With dropout active (training mode) generate runs model(ids, kv_cache=...), never the lean Decoder; in eval
     mode the Decoder runs and the module path does not (so the recording below can tell the two apart)."""
-    from minigpt import sample as sample_mod
+    from minigpt import decoding as sample_mod
 
     calls = {"module": 0, "decoder": 0}
     real_forward = GPT.forward
@@ -200,7 +203,7 @@ def test_training_mode_uses_the_module_path(monkeypatch):
 
 def test_cached_steps_run_on_one_cpu_thread_fills_and_uncached_on_all(monkeypatch):
     """The thread policy of generate(): one thread per cached step, every thread for whole windows; restored after."""
-    from minigpt import sample as sample_mod
+    from minigpt import fastpath as sample_mod
 
     torch.set_num_threads(2)  # the autouse fixture restores its own setting afterwards
     model = make_model(block_size=8, dtype=torch.float32)
@@ -273,7 +276,7 @@ def reference_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 def test_stop_filter_releases_text_as_soon_as_it_cannot_start_a_stop_string():
     import random
 
-    from minigpt.sample import StopFilter
+    from minigpt.generation import StopFilter
 
     rng = random.Random(0)
     for _ in range(300):
@@ -299,14 +302,14 @@ def test_sample_with_stop_ends_where_the_unstopped_text_shows_the_stop_string():
     got = sample(loaded(model), "ab", 60, 1.0, None, 1, seed=5, stop=[stop], on_text=lambda _, p: pieces.append(p))
     assert got == [expected] and "".join(pieces) == expected
     assert sample(loaded(model), "ab", 60, 1.0, None, 1, seed=5, stop=["no such text"]) == [full]
-    with pytest.raises(PromptError, match="--stop"):
+    with pytest.raises(PromptError, match="stop takes non-empty strings"):
         sample(loaded(model), "ab", 5, 1.0, None, 1, seed=5, stop=[""])
-    with pytest.raises(PromptError, match="--top-p"):
+    with pytest.raises(PromptError, match="top_p must be a probability mass"):
         sample(loaded(model), "ab", 5, 1.0, None, 1, seed=5, top_p=1.5)
 
 
 def test_example_prompt_is_a_whole_line_from_the_text():
-    from minigpt.sample import example_prompt
+    from minigpt.training import example_prompt
 
     assert example_prompt("ther.\n\nGREMIO:\nGood morrow, neighbour\n") == "GREMIO:"
     assert example_prompt("and so\nit goes on and on and on and on forever\nx\n") == "it goes on and on and on"
@@ -319,7 +322,7 @@ def test_a_stop_or_a_reader_that_stops_early_restores_the_thread_count():
     full = sample(loaded(model), "ab", 30, 1.0, None, 1, seed=5)[0]
     sample(loaded(model), "ab", 30, 1.0, None, 1, seed=5, stop=[full[5]])
     assert torch.get_num_threads() == 2
-    from minigpt.sample import stream
+    from minigpt.generation import stream
 
     pieces = stream(loaded(model), "ab", 30, 1.0, None, 1, seed=5)
     next(pieces), next(pieces)  # the prompt and one character: generation is under way, on one thread

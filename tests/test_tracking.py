@@ -2,7 +2,8 @@
 
 import io
 
-from minigpt.tracking import PlainProgress, Tracker, byte_progress, duration
+from minigpt.console import PlainProgress, byte_progress, duration
+from minigpt.tracking import Tracker
 
 
 class FakeClock:

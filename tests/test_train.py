@@ -10,7 +10,7 @@ from minigpt import checkpoint
 from minigpt.config import TrainConfig
 from minigpt.errors import CheckpointError, TrainingError
 from minigpt.model import GPT
-from minigpt.train import get_lr, train
+from minigpt.training import get_lr, train
 
 from conftest import deterministic, device_cases, tiny_config, train_dtypes
 

@@ -1,7 +1,8 @@
 """The training loop and its small helpers.
 
-`train(cfg)` sets up a run (minigpt.run: data, model, optimizer, resume) and then loops in the
-shape every small GPT trainer shares:
+`train(cfg)` sets up a run (minigpt.run: data, model, optimizer, resume), fits a time budget's
+step count if one is set (minigpt.budget measures and plans, `fit_budget` applies the plan), and
+then loops in the shape every small GPT trainer shares:
 
     learning rate for this step -> one optimizer step (get batch, forward, backward, clip, step)
         -> log -> every eval_interval: evaluate and checkpoint -> stop on a signal
@@ -15,25 +16,31 @@ that was never stopped.
 
 from __future__ import annotations
 
+import copy
 import math
+import shlex
+import shutil
 import signal
+import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 
-from minigpt import budget, checkpoint, config as config_mod, device as device_mod
+from minigpt import budget, checkpoint, config as config_mod, data, device as device_mod
 from minigpt.config import Config
+from minigpt.console import duration
+from minigpt.decoding import generate
 from minigpt.distributed import World, current_world
 from minigpt.errors import Interrupted, TrainingError
+from minigpt.inspection import attention_of, weights_and_grads
 from minigpt.model import GPT
 from minigpt.optim import get_lr, set_lr
-from minigpt.run import Run, open_progress, rank_batch, start_run, write_run_dir
-from minigpt.sample import generate, sample_command
-from minigpt.tracking import duration, flat_hparams, log_inspection
+from minigpt.run import Run, rank_batch, start_run, write_run_dir
+from minigpt.signals import StopSignals
+from minigpt.tracking import Tracker, flat_hparams
 
 
 @dataclass
@@ -58,11 +65,9 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
     try:
         run = start_run(cfg, world, resume, overwrite, init_from)
         try:
-            measured = None
-            if budget.seconds(cfg.train) and not resume:
-                measured = budget.fit(run, train_step, evaluate_and_save)  # sets train.max_iters
-                if world.is_main:
-                    write_run_dir(cfg)  # with the derived step count
+            measured = fit_budget(run) if budget.seconds(cfg.train) and not resume else None  # sets train.max_iters
+            if world.is_main:
+                write_run_dir(cfg)  # the resolved config, with a derived step count
             open_progress(run, progress, measured)
             training_loop(run, resume_hint)
             log_hparams(run)
@@ -75,6 +80,52 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
         return TrainResult(run_dir=run.run_dir, step=run.step, best_val_loss=run.best_val_loss, history=run.history)
     finally:
         world.shutdown()
+
+
+def fit_budget(run: Run) -> budget.Costs:
+    """Derive train.max_iters from the time budget: rank 0 measures and decides, every process uses its number.
+
+    The measured steps and evaluations are undone: the run is rewound to the snapshot taken
+    before them, and the evaluations wrote into a scratch directory that is then removed."""
+    budget_s = budget.seconds(run.cfg.train)
+    snapshot = copy.deepcopy(run.state())
+    scratch = Path(tempfile.mkdtemp(prefix=".budget-", dir=run.run_dir if run.world.is_main else None))  # rank 0 writes
+    tracker = Tracker(scratch, 0, 1, enabled=run.world.is_main, progress=False)
+    quiet = Outputs(tracker, scratch, say=lambda message: None)
+
+    def timed_evaluation() -> None:
+        run.best_val_loss = math.inf  # so that every timed evaluation writes best.pt as well as last.pt
+        evaluate_and_save(run, quiet)
+
+    try:
+        costs = budget.measure(lambda: train_step(run)[0], timed_evaluation, budget_s, run.world.share)
+    finally:
+        tracker.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    run.restore(snapshot)
+    run.history.clear()
+    steps = budget.plan_steps(budget_s, costs, run.cfg.train.eval_interval) if run.world.is_main else 0
+    budget.apply(run.cfg.train, run.world.share(steps))
+    run.budget_end = budget.process_start_time() + budget_s
+    return costs
+
+
+def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None = None) -> None:
+    """Say what is about to run in one line (with what the time budget measured), then open the tracker."""
+    t = run.cfg.train
+    fitted = (f" (time budget {t.time_budget}: {measured.step_s * 1000:.1f} ms/step, {measured.eval_s:.1f} s per "
+              f"evaluation, {measured.elapsed_s:.1f} s to start)") if measured else ""
+    run.say(f"minigpt: {t.max_iters} steps{fitted}, {run.model.num_params() / 1e6:.2f}M parameters, "
+            f"{run.tokens_per_step} tokens/step, device {run.device}, dtype {run.precision.name}, "
+            f"{'fused' if run.fused_attention else 'explicit'} attention{', compiled' if run.compiled else ''}, {t.optimizer}, "
+            f"{torch.get_num_threads()} threads, vocab {run.tokenizer.vocab_size}, "
+            f"{run.data_meta['train_tokens']:,} train / {run.data_meta['val_tokens']:,} val characters -> {run.run_dir}")
+    if run.step >= t.max_iters:
+        unbudgeted = " --set train.time_budget=0" if budget.seconds(t) else ""  # else the recorded count is kept
+        run.say(f"the run is already complete at step {run.step} (train.max_iters {t.max_iters}); "
+                f"to train longer: --resume{unbudgeted} --set train.max_iters=N with N > {run.step}")
+    run.tracker = Tracker(run.run_dir, run.step, t.max_iters, enabled=run.world.is_main,
+                          progress=progress and run.step < t.max_iters)
 
 
 def training_loop(run: Run, resume_hint: str) -> None:
@@ -167,8 +218,20 @@ def log_progress(run: Run, recent: RecentSteps, lr: float) -> None:
     recent.since_step, recent.since_time = run.step, now
 
 
-def evaluate_and_save(run: Run) -> None:
-    """Estimate train and val loss, log them with a sample and the attention image, write best.pt and last.pt."""
+@dataclass
+class Outputs:
+    """Where an evaluation's results go: TensorBoard, checkpoint files, progress lines."""
+
+    tracker: Tracker
+    run_dir: Path
+    say: Callable[[str], None]
+
+
+def evaluate_and_save(run: Run, out: Outputs | None = None) -> None:
+    """Estimate train and val loss, log them with a sample and the attention image, write best.pt and last.pt.
+
+    Into the run's own tracker and directory, or into `out` (the time budget times an evaluation there)."""
+    out = out or Outputs(run.tracker, run.run_dir, run.say)
     cfg = run.cfg
     losses = estimate_loss(run.model, run.tokens, cfg, run.device, run.precision, run.world)  # plain module
     if not math.isfinite(losses["val"]):
@@ -177,16 +240,16 @@ def evaluate_and_save(run: Run) -> None:
     bpc = losses["val"] / math.log(2)
     run.history.append({"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
                         "val_bpc": bpc, "time_s": time.perf_counter()})
-    run.tracker.scalars(run.step, {"train/eval_loss": losses["train"], "val/loss": losses["val"], "val/bpc": bpc})
+    out.tracker.scalars(run.step, {"train/eval_loss": losses["train"], "val/loss": losses["val"], "val/bpc": bpc})
     if run.world.is_main and cfg.train.sample_chars > 0:
-        run.tracker.text(run.step, "samples/text", text_sample(run.model, run.tokenizer, cfg, run.device, run.step))
-    log_inspection(run.tracker, run.model, run.tokens, run.tokenizer, cfg, run.step)  # attention image, histograms
-    run.say(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpc {bpc:.4f}")
+        out.tracker.text(run.step, "samples/text", text_sample(run.model, run.tokenizer, cfg, run.device, run.step))
+    log_inspection(out.tracker, run)  # attention image, histograms
+    out.say(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpc {bpc:.4f}")
     if losses["val"] < run.best_val_loss:
         run.best_val_loss = losses["val"]
-        run.save(checkpoint.BEST)
-    run.save(checkpoint.LAST)
-    run.tracker.flush()
+        run.save(out.run_dir / checkpoint.BEST)
+    run.save(out.run_dir / checkpoint.LAST)
+    out.tracker.flush()
 
 
 @torch.no_grad()
@@ -221,36 +284,45 @@ def text_sample(model: GPT, tokenizer, cfg: Config, device: torch.device, step: 
     return tokenizer.decode(ids)
 
 
-class StopSignals:
-    """Turn the first SIGINT/SIGTERM into a request to stop after the current step; a second SIGINT aborts."""
+PROBE_CHARS = 48  # characters of validation text whose attention is drawn at each evaluation
 
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
 
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop at once
-        self.received = signum
+def log_inspection(tracker: Tracker, run: Run) -> None:
+    """At an evaluation: the attention image of a fixed probe text and, if train.histograms, histograms."""
+    if not tracker.enabled:
+        return
+    cfg, model, tokens, step = run.cfg, run.model, run.tokens, run.step
+    block_size = cfg.model.block_size
+    probe = [int(i) for i in tokens["val"][:min(block_size, PROBE_CHARS)]]  # the start of the validation text
+    tracker.attention(step, "attention/probe", list(run.tokenizer.decode(probe)), attention_of(model, probe))
+    if cfg.train.histograms:
+        generator = torch.Generator().manual_seed(cfg.train.seed + 3)  # the same training batch every time
+        offsets = data.sample_offsets(len(tokens["train"]), block_size, cfg.train.batch_size, generator)
+        x, y = data.get_batch(tokens["train"], offsets, block_size)
+        device = next(model.parameters()).device
+        tracker.histograms(step, weights_and_grads(model, x.to(device), y.to(device)))
 
-    @contextmanager
-    def installed(self):
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        try:
-            yield self
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+
+def example_prompt(text: str, limit: int = 24) -> str:
+    """A short prompt taken from the beginning of a text: its first whole line, cut at a word, at most `limit` characters."""
+    lines = text.split("\n")
+    candidates = [line for line in lines[1:-1] if line.strip()] or [line for line in lines if line.strip()]
+    line = candidates[0].strip() if candidates else text.strip() or "\n"
+    if len(line) > limit:
+        cut = line.rfind(" ", 0, limit + 1)
+        line = line[:cut] if cut > 0 else line[:limit]
+    return line
+
+
+def sample_command(run_dir: Path, val_text: str) -> str:
+    """The `minigpt sample` command line for a run, with a prompt from the start of its validation text."""
+    return shlex.join(["minigpt", "sample", "--checkpoint", str(run_dir), "--prompt", example_prompt(val_text)])
 
 
 def stop_on_signal(run: Run, signum: int, saved: bool, resume_hint: str) -> NoReturn:
     """Save last.pt (unless this step's evaluation just did), wait for every process, and stop with exit 130/143."""
     if not saved:
-        run.save(checkpoint.LAST)
+        run.save(run.run_dir / checkpoint.LAST)
     run.world.barrier()  # no process exits (and gets its peers killed) before rank 0 has saved
     name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
     error = Interrupted(f"stopped by {name} at step {run.step}; saved {run.run_dir / checkpoint.LAST}; "

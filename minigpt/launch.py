@@ -1,0 +1,67 @@
+"""`minigpt train --nproc N`: check that the launch can work, then run torchrun as a child process.
+
+torchrun starts N copies of `minigpt train ...` on this machine, each of which joins the process
+group described in minigpt.distributed. A time budget counts from this process's start, which
+the workers learn through an environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from minigpt import budget
+from minigpt.distributed import check_gpus, per_rank_batch, process_device, torchrun_env
+from minigpt.errors import DeviceError
+
+
+def check_launch(nproc: int, device: str, batch_size: int) -> None:
+    """Refuse a launch that cannot work: no process, more processes than GPUs, an uneven batch, torchrun in torchrun."""
+    if nproc < 1:
+        raise DeviceError(f"--nproc must be at least 1, got {nproc}")
+    if nproc == 1:
+        return
+    per_rank_batch(batch_size, nproc)
+    if torchrun_env() is not None:
+        raise DeviceError("--nproc launches torchrun, but this process was already launched by torchrun; "
+                          "drop --nproc (torchrun's --nproc_per_node sets the number of processes)")
+    kind = process_device(device.split(":")[0], 0).type  # rejects mps and unknown names
+    if kind == "cuda":
+        check_gpus(nproc)
+
+
+def launch_command(nproc: int, minigpt_args: list[str]) -> list[str]:
+    """The torchrun command that runs `minigpt MINIGPT_ARGS` in `nproc` processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "minigpt", *minigpt_args]
+
+
+def launch(nproc: int, minigpt_args: list[str]) -> int:
+    """Run torchrun with `nproc` processes as a child process; return its exit code.
+
+    torchrun runs in its own session so that a Ctrl-C reaches it exactly once, from here: it
+    passes the signal on to every worker, which save a checkpoint and stop together.
+    """
+    env = dict(os.environ)
+    # torchrun would otherwise set 1 thread per process (with a warning); share the cores instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault(budget.START_ENV, str(budget.process_start_time()))  # a time budget counts from this process's start
+    child = subprocess.Popen(launch_command(nproc, minigpt_args), env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        return 128 + received[0]  # what the workers exit with when stopped by that signal
+    return code

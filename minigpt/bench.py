@@ -197,7 +197,7 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
     """Measure everything on cfg.train.device and return the report (see the module docstring)."""
     say = progress or (lambda message: None)
     device = device_mod.resolve_device(cfg.train.device)
-    threads = device_mod.set_threads(cfg.train.threads)
+    threads = device_mod.set_threads(cfg.train.threads)  # one decision, from the load before measuring
     report: dict = {"device": str(device), "torch_version": torch.__version__, "threads": threads}
     with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as tmp:
         workdir = Path(tmp)

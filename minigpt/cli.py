@@ -334,16 +334,27 @@ def bench(
     prepare_mb: float = typer.Option(64, "--prepare-mb", help="Size in MB of the generated corpus prepare is timed on."),
     device: Optional[str] = DeviceOpt,
     set_: Optional[List[str]] = SetOpt,
+    shared: bool = typer.Option(False, "--shared", help="Instead: train alone, two runs at once, and beside a busy "
+                                "loop, with fixed and with load-following CPU threads (takes a few minutes)."),
+    steps: int = typer.Option(400, "--steps", help="With --shared: training steps of each measured run."),
 ) -> None:
     """Measure training, evaluation, sampling and prepare speed on this machine (table on stderr)."""
     from minigpt import bench as bench_mod
+    from minigpt.errors import ConfigError
 
     if prepare_mb <= 0:
-        from minigpt.errors import ConfigError
-
         raise ConfigError(f"--prepare-mb must be positive, got {prepare_mb}")
+    if steps < 40:
+        raise ConfigError(f"--steps must be at least 40 (speeds are logged every 20 steps), got {steps}")
     cfg = _load_config(config, set_, device)
-    report = bench_mod.run(cfg, prepare_mb=prepare_mb, progress=lambda m: typer.echo(m, err=True))
-    typer.echo(bench_mod.format_table(report), err=True)
+    say = lambda message: typer.echo(message, err=True)  # noqa: E731
+    if shared:
+        from minigpt import benchshared
+
+        report = benchshared.run(cfg, config, list(set_ or []), steps, progress=say)
+        typer.echo(benchshared.format_table(report), err=True)
+    else:
+        report = bench_mod.run(cfg, prepare_mb=prepare_mb, progress=say)
+        typer.echo(bench_mod.format_table(report), err=True)
     if json_out:
         typer.echo(bench_mod.to_json(report))

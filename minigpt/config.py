@@ -63,8 +63,12 @@ class TrainConfig:
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_iters: int = 100  # steps of linear warmup from 0 to learning_rate
     lr_decay_iters: int = 0  # step at which the decay reaches min_lr; 0 = max_iters
-    lr_schedule: Literal["cosine", "wsd"] = "cosine"  # after warmup: cosine decay, or warmup-stable-decay
+    # after warmup: cosine decay, or warmup-stable-decay; auto: wsd with a time budget, else cosine
+    lr_schedule: Literal["auto", "cosine", "wsd"] = "auto"
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps, decaying linearly to min_lr
+    # wsd: the decay as [start, end] steps, decided while a budgeted run goes ([] = the last decay_fraction);
+    # a later pair that starts inside the one before continues the decay from there to its new end
+    decay_plan: list[list[int]] = field(default_factory=list)
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' weight matrices, AdamW for the rest
     weight_decay: float = 0.1  # decoupled weight decay, on matrices only
     beta1: float = 0.9  # AdamW first-moment decay
@@ -221,10 +225,28 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if t.warmup_iters > t.max_iters and not budget:  # with a budget, max_iters is derived later
         problems.append(f"train.warmup_iters ({t.warmup_iters}) must not exceed train.max_iters ({t.max_iters})")
+    if t.lr_schedule == "auto":
+        t.lr_schedule = "wsd" if budget else "cosine"
+    if budget and t.lr_schedule == "cosine":
+        problems.append("train.time_budget follows a deadline, which a cosine decay over a step count fixed in advance "
+                        "cannot; use train.lr_schedule wsd (or auto) with a time budget")
+    if budget and t.lr_decay_iters:
+        problems.append("train.lr_decay_iters fixes where the decay ends, which a time budget decides; leave it at 0")
+    problems.extend(_decay_plan_problems(t.decay_plan))
     try:
         "".encode(d.encoding)
     except LookupError:
         problems.append(f"data.encoding: unknown text encoding {d.encoding!r} (try utf-8)")
+
+
+def _decay_plan_problems(plan: list[list[int]]) -> list[str]:
+    """train.decay_plan must be [start, end] pairs, each starting inside the one before."""
+    for i, pair in enumerate(plan):
+        if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
+            return [f"train.decay_plan holds [start, end] steps with start < end, got {pair}"]
+        if i and not plan[i - 1][0] <= pair[0] <= plan[i - 1][1]:
+            return [f"train.decay_plan: {pair} must start inside the decay before it, {plan[i - 1]}"]
+    return []
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}

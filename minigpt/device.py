@@ -6,6 +6,7 @@ hardware at hand. The measurements behind the CPU choices are in docs/benchmarks
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from contextlib import contextmanager, nullcontext
@@ -167,11 +168,84 @@ def is_compiled(model: torch.nn.Module) -> bool:
     return isinstance(model, CompiledModel) and model.compiled
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_elsewhere() -> int | None:
+    """Threads of other processes running or ready to run right now, from /proc (None where there is no /proc).
+
+    /proc/loadavg's fourth field counts every runnable thread on the machine, this process's
+    own included; those of this process that are running (its own state R) are taken off."""
+    try:
+        with open("/proc/loadavg") as f:
+            runnable = int(f.read().split()[3].split("/")[0])
+        mine = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    mine += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                pass
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, runnable - mine)
+
+
+def choose_threads(most: int, cores: int, busy: float) -> int:
+    """Threads for torch when other processes keep `busy` cores busy on average: the cores they leave free,
+    at least one and at most `most` (one per physical core, or what OMP_NUM_THREADS says)."""
+    return max(1, min(most, math.floor(cores - busy + 0.5)))
+
+
+class ThreadPolicy:
+    """How many CPU threads torch uses: train.threads if set, else the cores that other processes leave free.
+
+    Two processes whose threads spin on the same cores slow each other down many times over
+    (docs/benchmarks.md, "Sharing the cores"). So a run alone uses every core, and a run beside
+    another busy process steps down, and back up when the machine is free again. `observe` takes
+    a sample of the machine's load (cheap: a few small /proc files), `decide` averages the
+    samples since the last decision, sets the thread count and returns it."""
+
+    def __init__(self, threads: int = 0, most: int | None = None, cores: int | None = None,
+                 sample: Callable[[], int | None] | None = None):
+        self.fixed = threads
+        self.most = most or torch.get_num_threads()  # torch's default before any change: its own per-core count
+        self.cores = cores or usable_cores()
+        self.sample = sample  # None: busy_elsewhere
+        self.samples: list[int] = []
+
+    def observe(self) -> None:
+        if not self.fixed:
+            busy = (self.sample or busy_elsewhere)()
+            if busy is not None:
+                self.samples.append(busy)
+
+    def decide(self) -> int:
+        """Set and return the thread count for what comes next."""
+        if self.fixed:
+            threads = self.fixed
+        else:
+            if not self.samples:
+                self.observe()
+            busy = sum(self.samples) / len(self.samples) if self.samples else 0.0
+            self.samples.clear()
+            threads = choose_threads(self.most, self.cores, busy)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+
 def set_threads(threads: int) -> int:
-    """Set torch's CPU thread count (0 keeps torch's default of one per physical core); return it."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
+    """Set torch's CPU thread count now: train.threads if positive, else by the cores other processes leave free."""
+    policy = ThreadPolicy(threads)
+    for _ in range(3):  # a few samples: one moment's count of runnable threads is noisy
+        policy.observe()
+    return policy.decide()
 
 
 @contextmanager

@@ -62,6 +62,16 @@ class World:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total / self.size
 
+    def agree(self, values: list[int], flag: bool) -> tuple[list[int], bool]:
+        """Rank 0's `values` and whether `flag` is true on any process, on every process, in one all-reduce."""
+        if not self.distributed:
+            return values, flag
+        mine = (values if self.is_main else [0] * len(values)) + [1 if flag else 0]
+        total = torch.tensor(mine, dtype=torch.int64, device=self.device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        *agreed, flags = total.tolist()
+        return agreed, flags > 0
+
     def any(self, flag: bool) -> bool:
         """True on every process if `flag` is true on any of them (to stop together)."""
         if not self.distributed:
@@ -120,9 +130,12 @@ class World:
             return model.no_sync()
         return nullcontext()
 
-    def shutdown(self) -> None:
-        """Leave the process group."""
+    def shutdown(self, wait_for_all: bool = False) -> None:
+        """Leave the process group; after a run that finished, first wait until every process has finished too
+        (a process that tears its connections down while a peer still uses them makes the peer abort)."""
         if self.distributed and dist.is_initialized():
+            if wait_for_all:
+                self.barrier()
             dist.destroy_process_group()
 
 

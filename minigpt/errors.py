@@ -39,6 +39,10 @@ class MiniGPTError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str = "", agreed: bool = False):
+        super().__init__(message)
+        self.agreed = agreed  # every torchrun process stops with it, and process 0 alone says so
+
     def __str__(self) -> str:
         """The message with its options named as Python keywords."""
         return OPTION.sub(_as_keyword, super().__str__())

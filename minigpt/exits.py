@@ -92,7 +92,7 @@ def user_errors(fn: Callable) -> Callable:
             if state["debug"]:
                 traceback.print_exc()
             # Stops that every torchrun process agrees on (Ctrl-C, a NaN loss) are reported by rank 0 only.
-            agreed = isinstance(exc, (Interrupted, TrainingError))
+            agreed = exc.agreed or isinstance(exc, (Interrupted, TrainingError))
             if not (agreed and os.environ.get("RANK", "0") != "0"):
                 typer.echo(f"{'' if isinstance(exc, Interrupted) else 'error: '}{exc.for_cli()}", err=True)
             raise typer.Exit(exc.exit_code)

@@ -33,9 +33,33 @@ def check_launch(nproc: int, device: str, batch_size: int) -> None:
 
 
 def launch_command(nproc: int, minigpt_args: list[str]) -> list[str]:
-    """The torchrun command that runs `minigpt MINIGPT_ARGS` in `nproc` processes on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "minigpt", *minigpt_args]
+    """The torchrun command that runs `minigpt MINIGPT_ARGS` in `nproc` processes on this machine.
+
+    It is torchrun's own code (torch.distributed.run), run by `quiet_torchrun` below: the
+    workers say what went wrong in one line each, so torchrun's report of a failed worker (a
+    traceback and a table) only repeats it. With --debug, torchrun speaks as usual."""
+    runner = ["torch.distributed.run"] if "--debug" in minigpt_args else ["minigpt.launch"]
+    return [sys.executable, "-m", *runner, "--standalone", f"--nproc_per_node={nproc}", "-m", "minigpt", *minigpt_args]
+
+
+def quiet_torchrun(torchrun_args: list[str]) -> int:
+    """Run torchrun in this process without its failure report and warnings; the exit code of the first worker
+    that failed (2 for a config error, 130 for Ctrl-C, ...), as a single process would have exited."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(torchrun_args))
+    except ChildFailedError as exc:
+        first = min(exc.failures.values(), key=lambda failure: failure.timestamp)
+        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # a negative code is a signal
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
 
 
 def launch(nproc: int, minigpt_args: list[str]) -> int:
@@ -65,3 +89,7 @@ def launch(nproc: int, minigpt_args: list[str]) -> int:
     if received:
         return 128 + received[0]  # what the workers exit with when stopped by that signal
     return code
+
+
+if __name__ == "__main__":  # launch_command's runner: python -m minigpt.launch TORCHRUN_ARGS
+    sys.exit(quiet_torchrun(sys.argv[1:]))

@@ -39,12 +39,31 @@ def get_lr(step: int, t: TrainConfig) -> float:
     if step >= decay_iters:
         return t.min_lr
     if t.lr_schedule == "wsd":
-        decay_start = max(t.warmup_iters, decay_iters - round(t.decay_fraction * decay_iters))
-        if step < decay_start:
-            return t.learning_rate
-        return t.learning_rate + (step - decay_start) / (decay_iters - decay_start) * (t.min_lr - t.learning_rate)
+        return planned_decay(step, t.learning_rate, t.min_lr, t.decay_plan or [[wsd_decay_start(t), decay_iters]])
     progress = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.learning_rate - t.min_lr)
+
+
+def wsd_decay_start(t: TrainConfig) -> int:
+    """Where warmup-stable-decay starts decaying without a decay plan: the last decay_fraction of the steps."""
+    decay_iters = t.lr_decay_iters or t.max_iters
+    return max(t.warmup_iters, decay_iters - round(t.decay_fraction * decay_iters))
+
+
+def planned_decay(step: int, peak: float, floor: float, plan: list[list[int]]) -> float:
+    """The learning rate at `step` of a decay planned as [start, end] pairs: `peak` before the first start, then
+    linear from the rate at each pair's start down to `floor` at its end (a later pair cuts the one before short)."""
+    lr = peak
+    for i, (start, end) in enumerate(plan):
+        if step < start:
+            break
+        nxt = plan[i + 1][0] if i + 1 < len(plan) else None
+        at = step if nxt is None or step < nxt else nxt  # where this pair hands over to the next one
+        value = lr + (at - start) / (end - start) * (floor - lr) if at < end else floor
+        if nxt is None or step < nxt:
+            return value
+        lr = value
+    return lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer | Optimizers, lr: float) -> float:

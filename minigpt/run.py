@@ -16,12 +16,10 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
-
-from typing import Any
 
 from minigpt import budget, checkpoint, config as config_mod, data, device as device_mod
 from minigpt.config import Config
@@ -70,7 +68,8 @@ class Run:
     step: int = 0  # optimizer steps taken
     best_val_loss: float = math.inf
     tracker: Tracker | None = None  # TensorBoard and the progress bar (disabled on ranks other than 0)
-    budget_end: float | None = None  # when the time budget runs out (epoch seconds), for a budgeted fresh run
+    threads: device_mod.ThreadPolicy = field(default_factory=device_mod.ThreadPolicy)  # CPU threads, following the load
+    deadline: budget.Deadline | None = None  # a budgeted fresh run's deadline and what its steps cost lately
     history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
     init_from: dict | None = None  # where a fine-tuned run's first weights came from (kept in its checkpoints)
     lock: DirectoryLock | None = None  # rank 0's exclusive lock on the run directory, held until close()
@@ -151,6 +150,8 @@ def build_run(cfg: Config, world: World, prepared: data.Prepared) -> Run:
     """A fresh run at step 0: seeded model, optimizer, loss scaler and batch generator on world's device."""
     t = cfg.train
     precision = device_mod.resolve_precision(t.dtype, world.device)
+    threads = device_mod.ThreadPolicy(t.threads)
+    threads.decide()
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, prepared.tokenizer.vocab_size).to(world.device)
     fused_attention = device_mod.resolve_fused_attention(t.fused_attention, world.device, precision)
@@ -160,7 +161,7 @@ def build_run(cfg: Config, world: World, prepared: data.Prepared) -> Run:
                scaler=torch.amp.GradScaler(world.device.type, enabled=precision.use_scaler),
                batch_generator=torch.Generator().manual_seed(t.seed), tokenizer=prepared.tokenizer,
                tokens={split: prepared.tokens(split) for split in ("train", "val")}, data_meta=prepared.meta,
-               fused_attention=fused_attention)
+               fused_attention=fused_attention, threads=threads)
 
 
 def compile_and_wrap(run: Run) -> None:
@@ -300,7 +301,6 @@ def start_run(cfg: Config, world: World, resume: str | bool = False, overwrite: 
 def start_locked_run(cfg: Config, world: World, resume: str | bool, overwrite: bool, init_from_path: str | None) -> Run:
     """`start_run` once rank 0 holds the run directory's lock. The caller writes the run directory's
     config.yaml (`write_run_dir`) once the run's settings are final (after a time budget's plan)."""
-    device_mod.set_threads(cfg.train.threads)
     if not resume and not overwrite:
         refuse_to_overwrite(cfg)
     origin = checkpoint.load(init_from_path) if init_from_path else None  # a run directory means its best.pt

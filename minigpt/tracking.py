@@ -108,6 +108,14 @@ class Tracker:
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
 
+    def retotal(self, total: int) -> None:
+        """The run's step count changed (a time budget's plan follows the machine): show progress against it."""
+        if self.lines is not None:
+            self.lines.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def flush(self) -> None:
         if self.writer:
             self.writer.flush()

@@ -22,25 +22,22 @@ import shlex
 import shutil
 import signal
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 import torch
 
-from minigpt import budget, checkpoint, config as config_mod, data, device as device_mod
+from minigpt import budget, checkpoint
 from minigpt.config import Config
 from minigpt.console import duration
-from minigpt.decoding import generate
-from minigpt.distributed import World, current_world
-from minigpt.errors import Interrupted, TrainingError
-from minigpt.inspection import attention_of, weights_and_grads
-from minigpt.model import GPT
+from minigpt.distributed import current_world
+from minigpt.errors import ConfigError, Interrupted, TrainingError
+from minigpt.evaluation import Outputs, evaluate_and_save, log_hparams
 from minigpt.optim import get_lr, set_lr
-from minigpt.run import Run, rank_batch, start_run, write_run_dir
+from minigpt.run import Run, start_run, write_run_dir
 from minigpt.signals import StopSignals
-from minigpt.tracking import Tracker, flat_hparams
+from minigpt.tracking import Tracker
 
 
 @dataclass
@@ -62,14 +59,17 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
     process trains its share of every batch and leaves the process group at the end.
     """
     world = current_world(cfg.train.device, cfg.train.batch_size)
+    finished = False
     try:
         run = start_run(cfg, world, resume, overwrite, init_from)
+        signals = StopSignals()
         try:
-            measured = fit_budget(run) if budget.seconds(cfg.train) and not resume else None  # sets train.max_iters
-            if world.is_main:
-                write_run_dir(cfg)  # the resolved config, with a derived step count
-            open_progress(run, progress, measured)
-            training_loop(run, resume_hint)
+            with signals.installed():
+                measured = fit_budget(run, signals) if budget.seconds(cfg.train) and not resume else None
+                if world.is_main:
+                    write_run_dir(cfg)  # the resolved config, with the planned step count
+                open_progress(run, progress, measured)
+                training_loop(run, signals, resume_hint)
             log_hparams(run)
         finally:
             run.close()  # the progress display, TensorBoard, and the run directory's lock
@@ -77,48 +77,69 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
                 f"({run.best_val_loss / math.log(2):.4f} bits/char); checkpoints in {run.run_dir}\n"
                 f"  sample:      {sample_command(run.run_dir, run.tokenizer.decode(run.tokens['val'][:256]))}\n"
                 f"  tensorboard: tensorboard --logdir {run.run_dir}")
+        finished = True
         return TrainResult(run_dir=run.run_dir, step=run.step, best_val_loss=run.best_val_loss, history=run.history)
     finally:
-        world.shutdown()
+        world.shutdown(wait_for_all=finished)
 
 
-def fit_budget(run: Run) -> budget.Costs:
-    """Derive train.max_iters from the time budget: rank 0 measures and decides, every process uses its number.
+def fit_budget(run: Run, signals: StopSignals) -> budget.Costs:
+    """Plan train.max_iters for the time budget: rank 0 measures and decides, every process uses its number.
 
     The measured steps and evaluations are undone: the run is rewound to the snapshot taken
-    before them, and the evaluations wrote into a scratch directory that is then removed."""
+    before them, and the evaluations wrote into a scratch directory that is then removed. A
+    Ctrl-C while measuring stops at once: nothing has been trained yet."""
     budget_s = budget.seconds(run.cfg.train)
     snapshot = copy.deepcopy(run.state())
     scratch = Path(tempfile.mkdtemp(prefix=".budget-", dir=run.run_dir if run.world.is_main else None))  # rank 0 writes
     tracker = Tracker(scratch, 0, 1, enabled=run.world.is_main, progress=False)
-    quiet = Outputs(tracker, scratch, say=lambda message: None)
 
-    def timed_evaluation() -> None:
-        run.best_val_loss = math.inf  # so that every timed evaluation writes best.pt as well as last.pt
-        evaluate_and_save(run, quiet)
+    def step() -> torch.Tensor:
+        if run.world.any(signals.received is not None):
+            name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
+            stopped = Interrupted(f"stopped by {name} while measuring the time budget, before training began; "
+                                  "nothing was trained or saved")
+            stopped.exit_code = 130 if signals.received == signal.SIGINT else 143
+            raise stopped
+        return train_step(run)[0]
+
+    def evaluation() -> None:
+        run.best_val_loss = math.inf  # so that the timed evaluation writes best.pt as well as last.pt
+        evaluate_and_save(run, Outputs(tracker, scratch, say=lambda message: None))
 
     try:
-        costs = budget.measure(lambda: train_step(run)[0], timed_evaluation, budget_s, run.world.share)
+        costs = budget.measure(step, evaluation, budget_s, run.world.share)
     finally:
         tracker.close()
         shutil.rmtree(scratch, ignore_errors=True)
     run.restore(snapshot)
     run.history.clear()
-    steps = budget.plan_steps(budget_s, costs, run.cfg.train.eval_interval) if run.world.is_main else 0
-    budget.apply(run.cfg.train, run.world.share(steps))
-    run.budget_end = budget.process_start_time() + budget_s
+    refusal, steps = None, 0
+    if run.world.is_main:
+        try:
+            steps = budget.first_plan(budget_s, costs, run.cfg.train.eval_interval)
+        except ConfigError as exc:
+            refusal = exc
+    steps = run.world.share(steps)
+    if steps < 1:  # every process stops, rank 0 with the reason (the others' error is not printed)
+        raise refusal or ConfigError("the time budget is too short (process 0 says why)", agreed=True)
+    budget.apply(run.cfg.train, steps)
+    run.deadline = budget.Deadline.of(budget_s, costs)
     return costs
 
 
 def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None = None) -> None:
     """Say what is about to run in one line (with what the time budget measured), then open the tracker."""
     t = run.cfg.train
-    fitted = (f" (time budget {t.time_budget}: {measured.step_s * 1000:.1f} ms/step, {measured.eval_s:.1f} s per "
-              f"evaluation, {measured.elapsed_s:.1f} s to start)") if measured else ""
+    fitted = (f" (time budget {duration_text(t.time_budget)}: {measured.step_s * 1000:.1f} ms/step, "
+              f"{measured.eval_s:.1f} s per evaluation, {measured.elapsed_s:.1f} s to start; the plan follows the "
+              "machine's speed)") if measured else ""
+    threads = "" if run.device.type != "cpu" else (f", {torch.get_num_threads()} threads"
+                                                    f"{'' if t.threads else ' (following the machine load)'}")
     run.say(f"minigpt: {t.max_iters} steps{fitted}, {run.model.num_params() / 1e6:.2f}M parameters, "
             f"{run.tokens_per_step} tokens/step, device {run.device}, dtype {run.precision.name}, "
-            f"{'fused' if run.fused_attention else 'explicit'} attention{', compiled' if run.compiled else ''}, {t.optimizer}, "
-            f"{torch.get_num_threads()} threads, vocab {run.tokenizer.vocab_size}, "
+            f"{'fused' if run.fused_attention else 'explicit'} attention{', compiled' if run.compiled else ''}, {t.optimizer}"
+            f"{threads}, vocab {run.tokenizer.vocab_size}, "
             f"{run.data_meta['train_tokens']:,} train / {run.data_meta['val_tokens']:,} val characters -> {run.run_dir}")
     if run.step >= t.max_iters:
         unbudgeted = " --set train.time_budget=0" if budget.seconds(t) else ""  # else the recorded count is kept
@@ -128,30 +149,66 @@ def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None
                           progress=progress and run.step < t.max_iters)
 
 
-def training_loop(run: Run, resume_hint: str) -> None:
-    """Step until train.max_iters: log, evaluate and checkpoint at their intervals, stop on a signal."""
+def duration_text(value: float | str) -> str:
+    """A time budget as a person writes it: 5m stays 5m, 5 (seconds) becomes 5s."""
+    return value if isinstance(value, str) and not value.strip().replace(".", "", 1).isdigit() else f"{float(value):g}s"
+
+
+def training_loop(run: Run, signals: StopSignals, resume_hint: str) -> None:
+    """Step until train.max_iters: log, evaluate and checkpoint at their intervals, stop on a signal.
+
+    At each log interval the run is steered (`steer`): a time budget's plan is brought up to date,
+    the CPU thread count follows the machine's load, and every process learns whether to stop."""
     t = run.cfg.train
     recent = RecentSteps(since_step=run.step)
-    signals = StopSignals()
-    with signals.installed():
-        while run.step < t.max_iters:
-            lr = set_lr(run.optimizer, get_lr(run.step, t))
-            loss, grad_norm = train_step(run)
-            run.step += 1
-            recent.add(run.step, loss, grad_norm)
+    while run.step < t.max_iters:
+        lr = set_lr(run.optimizer, get_lr(run.step, t))
+        loss, grad_norm = train_step(run)
+        run.step += 1
+        recent.add(run.step, loss, grad_norm)
+        run.threads.observe()
 
-            evaluate = run.step % t.eval_interval == 0 or run.step == t.max_iters
-            stopping = run.world.any(signals.received is not None)  # every process stops at the same step
-            if run.step % t.log_interval == 0 or evaluate or stopping:
-                log_progress(run, recent, lr)
-            else:
-                run.tracker.advance(run.step)
+        boundary = run.step % t.log_interval == 0 or run.step == t.max_iters
+        stopping = not run.world.distributed and signals.received is not None  # alone: stop at once, no need to agree
+        if boundary or stopping:
+            log_progress(run, recent, lr)
+        else:
+            run.tracker.advance(run.step)
+        if boundary:
+            stopping = steer(run, signals.received is not None)  # one small collective under torchrun
 
-            if evaluate:
-                evaluate_and_save(run)
-                recent.restart_clock()  # evaluation time is not training speed
-            if stopping:
-                stop_on_signal(run, signals.received, saved=evaluate, resume_hint=resume_hint)
+        if run.step % t.eval_interval == 0 or run.step == t.max_iters:
+            start = budget.clock()
+            evaluate_and_save(run)
+            if run.deadline is not None:
+                run.deadline.evaluation_took(budget.clock() - start)
+            recent.restart_clock()  # evaluation time is not training speed
+            saved = True
+        else:
+            saved = False
+        if stopping:
+            stop_on_signal(run, signals.received or signal.SIGINT, saved=saved, resume_hint=resume_hint)
+
+
+def steer(run: Run, stop_requested: bool) -> bool:
+    """At a log boundary: replan a budgeted run (rank 0 decides, every process follows), let the thread count
+    follow the machine's load, and agree whether to stop. Returns whether every process stops now."""
+    t = run.cfg.train
+    plan = [t.max_iters, 0, 0]  # the step count, and a new [start, end] pair of the decay (0, 0: none)
+    if run.deadline is not None and run.world.is_main and run.step < t.max_iters:
+        d = run.deadline
+        total, decay = budget.replan(t, run.step, d.left(), d.step_estimate(decaying=bool(t.decay_plan)), d.eval_s)
+        plan = [total, *(decay[-1] if len(decay) > len(t.decay_plan) else (0, 0))]
+    (total, start, end), stopping = run.world.agree(plan, stop_requested)
+    if total != t.max_iters or end:
+        t.max_iters = total
+        if end:
+            t.decay_plan = [*t.decay_plan, [start, end]]
+            if run.world.is_main:
+                write_run_dir(run.cfg)  # the decision, as it is made
+        run.tracker.retotal(total)
+    run.threads.decide()
+    return stopping
 
 
 def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,14 +241,14 @@ class RecentSteps:
     """The losses and gradient norms of the steps since the last log, kept on the device until then."""
 
     since_step: int  # the step of the last log
-    since_time: float = field(default_factory=time.perf_counter)
+    since_time: float = field(default_factory=lambda: budget.clock())  # budget.clock: replaceable in tests
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (step, loss, grad norm)
 
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.pending.append((step, loss, grad_norm))
 
     def restart_clock(self) -> None:
-        self.since_time = time.perf_counter()
+        self.since_time = budget.clock()
 
 
 def log_progress(run: Run, recent: RecentSteps, lr: float) -> None:
@@ -206,101 +263,17 @@ def log_progress(run: Run, recent: RecentSteps, lr: float) -> None:
             raise TrainingError(f"the loss became {value} at step {step}; stopped without saving, so "
                                 f"{last if last.exists() else 'no checkpoint'} is untouched; lower train.learning_rate "
                                 f"(now {run.cfg.train.learning_rate:g}) or set train.grad_clip, then --resume")
-    now = time.perf_counter()
+    now = budget.clock()
     speed = (run.step - recent.since_step) * run.tokens_per_step / max(now - recent.since_time, 1e-9)
     run.tracker.scalars(run.step, {"train/loss": sum(losses) / len(losses), "opt/lr": lr,
                                    "opt/grad_norm": sum(norms) / len(norms), "perf/tokens_per_sec": speed})
     shown = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{speed:,.0f}"}
-    if run.budget_end is not None:
-        shown["left"] = duration(max(0.0, run.budget_end - time.time()))  # of the time budget, as elapsed and ETA read
+    if run.deadline is not None:
+        run.deadline.steps_took((now - recent.since_time) / max(1, run.step - recent.since_step))
+        shown["left"] = duration(max(0.0, run.deadline.left()))  # for training, read beside elapsed and ETA
     run.tracker.advance(run.step, shown)
     recent.pending.clear()
     recent.since_step, recent.since_time = run.step, now
-
-
-@dataclass
-class Outputs:
-    """Where an evaluation's results go: TensorBoard, checkpoint files, progress lines."""
-
-    tracker: Tracker
-    run_dir: Path
-    say: Callable[[str], None]
-
-
-def evaluate_and_save(run: Run, out: Outputs | None = None) -> None:
-    """Estimate train and val loss, log them with a sample and the attention image, write best.pt and last.pt.
-
-    Into the run's own tracker and directory, or into `out` (the time budget times an evaluation there)."""
-    out = out or Outputs(run.tracker, run.run_dir, run.say)
-    cfg = run.cfg
-    losses = estimate_loss(run.model, run.tokens, cfg, run.device, run.precision, run.world)  # plain module
-    if not math.isfinite(losses["val"]):
-        raise TrainingError(f"the validation loss became {losses['val']} at step {run.step}; stopped without "
-                            f"saving; lower train.learning_rate (now {cfg.train.learning_rate:g}), then --resume")
-    bpc = losses["val"] / math.log(2)
-    run.history.append({"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
-                        "val_bpc": bpc, "time_s": time.perf_counter()})
-    out.tracker.scalars(run.step, {"train/eval_loss": losses["train"], "val/loss": losses["val"], "val/bpc": bpc})
-    if run.world.is_main and cfg.train.sample_chars > 0:
-        out.tracker.text(run.step, "samples/text", text_sample(run.model, run.tokenizer, cfg, run.device, run.step))
-    log_inspection(out.tracker, run)  # attention image, histograms
-    out.say(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpc {bpc:.4f}")
-    if losses["val"] < run.best_val_loss:
-        run.best_val_loss = losses["val"]
-        run.save(out.run_dir / checkpoint.BEST)
-    run.save(out.run_dir / checkpoint.LAST)
-    out.tracker.flush()
-
-
-@torch.no_grad()
-def estimate_loss(model: torch.nn.Module, tokens: dict, cfg: Config, device: torch.device,
-                  precision: device_mod.Precision, world: World) -> dict[str, float]:
-    """Mean loss over eval_iters random batches of each split (the same batches at every evaluation)."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    for i, split in enumerate(("train", "val")):
-        generator = torch.Generator().manual_seed(cfg.train.seed + 1 + i)
-        losses = torch.zeros(cfg.train.eval_iters, device=device)
-        for k in range(cfg.train.eval_iters):
-            x, y = rank_batch(tokens[split], cfg, generator, world, device)
-            with precision.autocast(device):
-                _, loss = model(x, y)
-            losses[k] = loss.float()
-        out[split] = world.mean(losses.mean()).item()
-    model.train(was_training)
-    return out
-
-
-def text_sample(model: GPT, tokenizer, cfg: Config, device: torch.device, step: int) -> str:
-    """A short seeded sample from the model, starting at a newline, for TensorBoard."""
-    start = tokenizer.stoi.get("\n", 0)
-    idx = torch.tensor([[start]], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed + step)
-    was_training = model.training
-    model.eval()
-    ids = [int(t) for t in generate(model, idx, cfg.train.sample_chars, 1.0, None, generator)]
-    model.train(was_training)
-    return tokenizer.decode(ids)
-
-
-PROBE_CHARS = 48  # characters of validation text whose attention is drawn at each evaluation
-
-
-def log_inspection(tracker: Tracker, run: Run) -> None:
-    """At an evaluation: the attention image of a fixed probe text and, if train.histograms, histograms."""
-    if not tracker.enabled:
-        return
-    cfg, model, tokens, step = run.cfg, run.model, run.tokens, run.step
-    block_size = cfg.model.block_size
-    probe = [int(i) for i in tokens["val"][:min(block_size, PROBE_CHARS)]]  # the start of the validation text
-    tracker.attention(step, "attention/probe", list(run.tokenizer.decode(probe)), attention_of(model, probe))
-    if cfg.train.histograms:
-        generator = torch.Generator().manual_seed(cfg.train.seed + 3)  # the same training batch every time
-        offsets = data.sample_offsets(len(tokens["train"]), block_size, cfg.train.batch_size, generator)
-        x, y = data.get_batch(tokens["train"], offsets, block_size)
-        device = next(model.parameters()).device
-        tracker.histograms(step, weights_and_grads(model, x.to(device), y.to(device)))
 
 
 def example_prompt(text: str, limit: int = 24) -> str:
@@ -331,9 +304,3 @@ def stop_on_signal(run: Run, signum: int, saved: bool, resume_hint: str) -> NoRe
     raise error
 
 
-def log_hparams(run: Run) -> None:
-    """At the end of a run that evaluated: its hyperparameters with the best validation loss (HParams tab)."""
-    if run.best_val_loss < float("inf"):
-        run.tracker.hparams(run.step, flat_hparams(config_mod.to_dict(run.cfg)),
-                            {"hparams/best_val_loss": run.best_val_loss,
-                             "hparams/best_val_bpc": run.best_val_loss / math.log(2)})

@@ -17,7 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
+
+# One CPU thread per test process, and so for the CLI processes the tests start: a run's thread count
+# otherwise follows the machine's load (train.threads 0), and results compared bit for bit must not
+# depend on what else the machine happens to be doing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402 - after the thread setting, which torch reads when it starts
 
 from minigpt import config as config_mod
 from minigpt.device import available_devices

@@ -215,8 +215,8 @@ def test_launch_command_repeats_the_train_command():
 
 
 def test_time_budget_under_two_processes_is_decided_once(tmp_path, corpus):
-    """`--nproc 2 --time`: rank 0 measures and derives the steps, both processes take exactly those (a rank
-    taking more would wait forever in the gradient all-reduce), and the count is recorded with the run."""
+    """`--nproc 2 --time`: rank 0 measures and plans, both processes follow its plan as it changes (a rank
+    taking more steps would wait forever in the gradient all-reduce), and the decisions are recorded."""
     run_dir = tmp_path / "run"
     overrides = tiny_sets(tmp_path, corpus)[:-2] + [f"train.out_dir={run_dir}", "train.device=cpu", "train.threads=1",
                                                     "train.eval_interval=200", "train.eval_iters=1",
@@ -225,8 +225,18 @@ def test_time_budget_under_two_processes_is_decided_once(tmp_path, corpus):
                             env=ENV, text=True, capture_output=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     first = next(line for line in result.stderr.splitlines() if line.startswith("minigpt:"))
-    steps = int(first.split()[1])
-    assert "time budget 45s" in first and steps > 10
+    assert "time budget 45s" in first and int(first.split()[1]) > 10
     recorded = checkpoint.load(run_dir / checkpoint.LAST)
-    assert recorded["step"] == steps == recorded["config"]["train"]["max_iters"]
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_iters"] == steps
+    t = recorded["config"]["train"]
+    assert recorded["step"] == t["max_iters"] == t["decay_plan"][-1][1] > 10  # ended where its decay ends
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"] == t
+    assert "Traceback" not in result.stderr
+
+
+def test_a_too_short_budget_under_two_processes_is_one_line_and_exit_2(tmp_path, corpus):
+    overrides = tiny_sets(tmp_path, corpus) + ["train.threads=1"]
+    result = subprocess.run([sys.executable, "-m", "minigpt", *cli_args(overrides), "--nproc", "2", "--time", "1s"],
+                            env=ENV, text=True, capture_output=True, timeout=240)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: train.time_budget 1s is too short"), result.stderr

@@ -17,7 +17,7 @@ LAYERS = [  # bottom first
     {"model", "device", "distributed", "optim", "lock", "viz", "scoring", "fastpath", "decoding"},
     {"data", "checkpoint", "budget", "tracking"},
     {"run"},
-    {"training", "generation", "inspection", "explain", "bench", "benchprep"},
+    {"evaluation", "training", "generation", "inspection", "explain", "bench", "benchprep", "benchshared"},
     {"api", "launch"},
     {"cli", "exits", "__main__"},
 ]

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from minigpt import api
+from minigpt import __version__, api
 from minigpt.errors import PromptError
 from minigpt.exits import OneLineErrors, ignore_further_interrupts, state, user_errors
 
@@ -37,8 +37,16 @@ DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps 
 CheckpointOpt = typer.Option(..., "--checkpoint", help="A checkpoint file, or a run directory (its best.pt is used).")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"minigpt {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (same exit codes).")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (same exit codes)."),
+         version: bool = typer.Option(False, "--version", help="Print minigpt's version and exit.",
+                                      callback=_print_version, is_eager=True)) -> None:
     """Train a character-level GPT on any text and sample from it."""
     state["debug"] = debug
 
@@ -99,7 +107,7 @@ def train(
 @user_errors
 def sample(
     checkpoint: Path = CheckpointOpt,
-    prompt: str = typer.Option(api.PROMPT, "--prompt", "-p", help="Text to continue (empty: start from a newline)."),
+    prompt: str = typer.Option(api.PROMPT, "--prompt", "-p", help="Text to continue (empty: a newline).", show_default="a newline"),
     max_new_tokens: int = typer.Option(api.MAX_NEW_TOKENS, "--max-new-tokens", "-n", help="Characters to generate (at most)."),
     temperature: float = typer.Option(api.TEMPERATURE, "--temperature", "-t", help="Randomness; 0 is greedy, 1 samples the model's distribution."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample only among the k most likely characters."),

@@ -245,6 +245,13 @@ def duration_seconds(value: float | str) -> float:
     return seconds
 
 
+def duration_text(value: float | str) -> str:
+    """A duration as the user wrote it: text as given ('5m'), a number of seconds with its unit (5.0 -> '5s')."""
+    if isinstance(value, str) and value.strip()[-1:].lower() in DURATION_UNITS:
+        return value.strip()
+    return f"{duration_seconds(value):g}s"
+
+
 def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:
     """Validate a plain mapping (as read from YAML) into a Config; raise ConfigError listing every problem."""
     problems: list[str] = []

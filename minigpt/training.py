@@ -113,7 +113,7 @@ def fit_budget(run: Run) -> budget.Costs:
 def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None = None) -> None:
     """Say what is about to run in one line (with what the time budget measured), then open the tracker."""
     t = run.cfg.train
-    fitted = (f" (time budget {t.time_budget}: {measured.step_s * 1000:.1f} ms/step, {measured.eval_s:.1f} s per "
+    fitted = (f" (time budget {config_mod.duration_text(t.time_budget)}: {measured.step_s * 1000:.1f} ms/step, {measured.eval_s:.1f} s per "
               f"evaluation, {measured.elapsed_s:.1f} s to start)") if measured else ""
     run.say(f"minigpt: {t.max_iters} steps{fitted}, {run.model.num_params() / 1e6:.2f}M parameters, "
             f"{run.tokens_per_step} tokens/step, device {run.device}, dtype {run.precision.name}, "

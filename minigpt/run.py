@@ -13,6 +13,7 @@ checkpoint's contents and back in one place, so what a checkpoint holds is liste
 from __future__ import annotations
 
 import math
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ class Run:
     tracker: Tracker | None = None  # TensorBoard and the progress bar (disabled on ranks other than 0)
     budget_end: float | None = None  # when the time budget runs out (epoch seconds), for a budgeted fresh run
     history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
+    started: float = field(default_factory=time.perf_counter)  # when this process's training began (history's time_s)
     init_from: dict | None = None  # where a fine-tuned run's first weights came from (kept in its checkpoints)
     lock: DirectoryLock | None = None  # rank 0's exclusive lock on the run directory, held until close()
 

@@ -50,7 +50,7 @@ class TrainResult:
     run_dir: Path
     step: int
     best_val_loss: float
-    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    history: list[dict] = field(default_factory=list)  # per evaluation: step, losses, val_bpc, time_s (s since train began)
 
 
 def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, progress: bool = True,
@@ -61,9 +61,11 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
     or run directory) starts from that model's weights instead of random ones. Launched by torchrun, this
     process trains its share of every batch and leaves the process group at the end.
     """
+    started = time.perf_counter()
     world = current_world(cfg.train.device, cfg.train.batch_size)
     try:
         run = start_run(cfg, world, resume, overwrite, init_from)
+        run.started = started  # history's time_s counts from here, data preparation included
         try:
             measured = fit_budget(run) if budget.seconds(cfg.train) and not resume else None  # sets train.max_iters
             if world.is_main:
@@ -239,7 +241,7 @@ def evaluate_and_save(run: Run, out: Outputs | None = None) -> None:
                             f"saving; lower train.learning_rate (now {cfg.train.learning_rate:g}), then --resume")
     bpc = losses["val"] / math.log(2)
     run.history.append({"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
-                        "val_bpc": bpc, "time_s": time.perf_counter()})
+                        "val_bpc": bpc, "time_s": time.perf_counter() - run.started})
     out.tracker.scalars(run.step, {"train/eval_loss": losses["train"], "val/loss": losses["val"], "val/bpc": bpc})
     if run.world.is_main and cfg.train.sample_chars > 0:
         out.tracker.text(run.step, "samples/text", text_sample(run.model, run.tokenizer, cfg, run.device, run.step))

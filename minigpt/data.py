@@ -32,6 +32,7 @@ from minigpt.config import DataConfig
 from minigpt.errors import DataError
 from minigpt.console import log
 from minigpt.lock import DirectoryLock
+from minigpt.signals import stopped_while
 from minigpt.tokenizer import CharTokenizer, codepoints_of, smallest_dtype
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -39,6 +40,7 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 TINY_SHAKESPEARE_NAME = "tinyshakespeare.txt"
 CHUNK_BYTES = 8 * 1024 * 1024  # bytes read per chunk while preparing
 META_VERSION = 1
+UNFINISHED = "it was not finished (nothing half-made is ever used); minigpt prepare or train starts it again"
 
 
 # ----------------------------------------------------------------------------- the default corpus
@@ -234,7 +236,7 @@ def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], No
     fingerprint = _fingerprint(files, data, base_vocab)
     prepared = None if force else _reuse(out, fingerprint)
     if prepared is None:
-        with DirectoryLock(out, "prepare of this corpus", wait=wait):
+        with stopped_while("preparing the data", UNFINISHED), DirectoryLock(out, "prepare of this corpus", wait=wait):
             prepared = None if force else _reuse(out, fingerprint)  # a writer we waited for may have made it
             if prepared is None:
                 prepared = _write(files, out, fingerprint, data, base_vocab, progress)
@@ -277,16 +279,21 @@ def _write(files: list[Path], out: Path, fingerprint: dict, data: DataConfig, ba
     # instead of counting toward this process's resident memory. The old meta.json goes first,
     # so that until the new one is in place no reader pairs it with the new arrays.
     (out / "meta.json").unlink(missing_ok=True)
-    position = 0
-    with open(out / "train.bin.tmp", "wb") as train_file, open(out / "val.bin.tmp", "wb") as val_file:
-        for _, _, text in _decoded_chunks(files, data, advance):
-            ids = tokenizer.encode_array(text).astype(dtype)
-            split_at = min(max(n_train - position, 0), len(ids))  # ids before this index are training text
-            train_file.write(ids[:split_at].tobytes())
-            val_file.write(ids[split_at:].tobytes())
-            position += len(ids)
+    position, tmp = 0, {split: out / f"{split}.bin.tmp" for split in ("train", "val")}
+    try:
+        with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
+            for _, _, text in _decoded_chunks(files, data, advance):
+                ids = tokenizer.encode_array(text).astype(dtype)
+                split_at = min(max(n_train - position, 0), len(ids))  # ids before this index are training text
+                train_file.write(ids[:split_at].tobytes())
+                val_file.write(ids[split_at:].tobytes())
+                position += len(ids)
+    except BaseException:  # failed or interrupted (Ctrl-C): leave no half-written arrays behind
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
     for split in ("train", "val"):
-        os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
+        os.replace(tmp[split], out / f"{split}.bin")
 
     meta = {
         "fingerprint": fingerprint,

@@ -65,11 +65,9 @@ def default_corpus(data_dir: Path = Path("data")) -> Path:
                 payload = response.read()
     except OSError as exc:
         where = f"{target}" + (f" nor in {local.parent}" if local is not None else "")
-        raise DataError(
-            f"Tiny Shakespeare is not in {where} and could not be downloaded ({exc}); download "
-            f"{TINY_SHAKESPEARE_URL} to {target} yourself, set MINIGPT_DATA_DIR to a directory holding "
-            f"{TINY_SHAKESPEARE_NAME}, or train on another file with --set data.path=FILE"
-        ) from exc
+        raise DataError(f"Tiny Shakespeare is not in {where} and could not be downloaded ({exc}); download "
+                        f"{TINY_SHAKESPEARE_URL} to {target} yourself, set MINIGPT_DATA_DIR to a directory holding "
+                        f"{TINY_SHAKESPEARE_NAME}, or train on another file with --set data.path=FILE") from exc
     if hashlib.sha256(payload).hexdigest() != TINY_SHAKESPEARE_SHA256:
         raise DataError(f"{origin} is not Tiny Shakespeare: its sha256 differs from {TINY_SHAKESPEARE_SHA256}; "
                         "replace it with the original file, or set data.path to train on it as your own corpus")
@@ -102,11 +100,11 @@ def _expand(entry: str) -> list[Path]:
     return [path]
 
 
-def resolve_sources(data: DataConfig) -> list[Path]:
-    """The files that make up the corpus, in order."""
+def resolve_sources(data: DataConfig, fetch: bool = True) -> list[Path]:
+    """The files that make up the corpus, in order (`fetch=False`: the default corpus only if it is in data/ already)."""
     entries = data.path if isinstance(data.path, list) else [data.path]
     if entries in ([], [""]):
-        return [default_corpus()]
+        return [default_corpus()] if fetch else _expand(str(Path("data") / TINY_SHAKESPEARE_NAME))
     files: list[Path] = []
     for entry in entries:
         files.extend(_expand(entry))
@@ -163,10 +161,8 @@ def _decoded_chunks(files: list[Path], data: DataConfig, on_bytes: Callable[[int
                     text = decoder.decode(raw, final=final)
                 except UnicodeDecodeError as exc:
                     at = offset - pending + exc.start
-                    raise DataError(
-                        f"{path} is not valid {data.encoding}: undecodable byte at offset {at} ({exc.reason}); "
-                        "convert the file to UTF-8, or set data.errors to replace or ignore"
-                    ) from exc
+                    raise DataError(f"{path} is not valid {data.encoding}: undecodable byte at offset {at} ({exc.reason}); "
+                                    "convert the file to UTF-8, or set data.errors to replace or ignore") from exc
                 finally:
                     _BAD_BYTES.reset(tally)
                 offset += len(raw)
@@ -219,6 +215,12 @@ def _reuse(out: Path, fingerprint: dict) -> Prepared | None:
     if meta.get("fingerprint") != fingerprint or not complete:
         return None
     return Prepared(out, CharTokenizer.from_dict(meta["tokenizer"]), meta)
+
+
+def find_prepared(data: DataConfig, base_vocab: list[str] | None = None) -> Prepared | None:
+    """The corpus's prepared arrays if they are up to date, else None: only reads (no lock, no download, no writing)."""
+    files = resolve_sources(data, fetch=False)
+    return _reuse(prepared_dir_for(files, data, base_vocab), _fingerprint(files, data, base_vocab))
 
 
 def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], None] | None = None,
@@ -333,11 +335,9 @@ def check_lengths(prepared: Prepared, block_size: int) -> None:
     for split in ("train", "val"):
         have = prepared.meta[f"{split}_tokens"]
         if have < need:
-            raise DataError(
-                f"the {split} split of {corpus_name(prepared.meta['sources'])} has {have} characters but model.block_size "
-                f"{block_size} needs at least {need}; use a longer corpus, a smaller model.block_size"
-                + (", or a larger data.val_fraction" if split == "val" else "")
-            )
+            raise DataError(f"the {split} split of {corpus_name(prepared.meta['sources'])} has {have} characters but "
+                            f"model.block_size {block_size} needs at least {need}; use a longer corpus, a smaller "
+                            "model.block_size" + (", or a larger data.val_fraction" if split == "val" else ""))
 
 
 # ----------------------------------------------------------------------------- batches

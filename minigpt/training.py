@@ -306,10 +306,15 @@ def log_inspection(tracker: Tracker, run: Run) -> None:
 
 
 def example_prompt(text: str, limit: int = 24) -> str:
-    """A short prompt taken from the beginning of a text: its first whole line, cut at a word, at most `limit` characters."""
-    lines = text.split("\n")
-    candidates = [line for line in lines[1:-1] if line.strip()] or [line for line in lines if line.strip()]
-    line = candidates[0].strip() if candidates else text.strip() or "\n"
+    """A short prompt a shell can take, from the beginning of a text: its first whole line of printable characters,
+    cut at a word, at most `limit` characters; else the text's printable characters; else ''."""
+
+    def readable(line: str) -> bool:
+        return line.isprintable() and "\ufffd" not in line  # no control bytes, NULs or undecodable bytes
+
+    lines = [line.strip() for line in text.split("\n")]
+    candidates = [line for line in lines[1:-1] if line and readable(line)] or [line for line in lines if line and readable(line)]
+    line = candidates[0] if candidates else "".join(c for c in text if readable(c)).strip()
     if len(line) > limit:
         cut = line.rfind(" ", 0, limit + 1)
         line = line[:cut] if cut > 0 else line[:limit]
@@ -317,8 +322,9 @@ def example_prompt(text: str, limit: int = 24) -> str:
 
 
 def sample_command(run_dir: Path, val_text: str) -> str:
-    """The `minigpt sample` command line for a run, with a prompt from the start of its validation text."""
-    return shlex.join(["minigpt", "sample", "--checkpoint", str(run_dir), "--prompt", example_prompt(val_text)])
+    """The `minigpt sample` command line for a run, with a prompt from the start of its validation text (if readable)."""
+    prompt = example_prompt(val_text)
+    return shlex.join(["minigpt", "sample", "--checkpoint", str(run_dir)] + (["--prompt", prompt] if prompt else []))
 
 
 def stop_on_signal(run: Run, signum: int, saved: bool, resume_hint: str) -> NoReturn:

@@ -129,6 +129,22 @@ def test_surprise_picture(loaded, tmp_path):
     assert width > 300 and height > 100
 
 
+@pictures
+@pytest.mark.parametrize("text", ["ab", "To be", TEXT * 3])
+def test_surprise_picture_shows_its_whole_title(text):
+    """The title fits inside the figure, however short the text (measured with matplotlib's own text extent)."""
+    from matplotlib.text import Text
+
+    bits = [1.0 + i % 3 for i in range(len(text) - 1)]
+    fig = viz.surprise_figure(list(text), bits)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    titles = [t for t in fig.findobj(Text) if "bits/char" in t.get_text()]
+    assert len(titles) == 1
+    box, page = titles[0].get_window_extent(renderer), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (box, page)
+
+
 def test_surprise_html_escapes_and_shows_bits():
     page = viz.surprise_html(list('<a&"b>\n'), [1.0, 2.0, 3.0, 4.0, 5.0, 9.0], title="t<")
     assert "<a" not in page.split('<div class="text">')[1].replace("<span", "")

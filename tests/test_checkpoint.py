@@ -91,7 +91,7 @@ def test_bad_checkpoint_files_raise_clear_errors(run, tmp_path, damage, message)
     assert str(bad) in str(info.value)
 
 
-def damaged_copy(run, tmp_path, where: str, name: str = checkpoint.LAST) -> "Path":
+def damaged_copy(run, tmp_path, where: str, name: str = checkpoint.LAST):
     """A copy of the run's two checkpoints in tmp_path/run, with 5,000 seeded random bytes written over `name` at `where`."""
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)

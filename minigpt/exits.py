@@ -114,7 +114,7 @@ STOPPED_WHILE = {  # a first Ctrl-C outside the training loop, by command: (what
     "train": ("starting or finishing the run, outside the training steps",
               "no checkpoint was being written; those in the run directory are as they were"),
     "sample": ("sampling", "nothing is lost (sample writes no files)"),
-    "prepare": ("checking the prepared data", "nothing was written"),  # its writing says more (data.UNFINISHED)
+    "prepare": ("preparing the data", "nothing half-made is ever used; minigpt prepare again finishes or reuses it"),
     "config_show": ("reading the config", "nothing is lost (config show writes no files)"),
     "attention": ("drawing the attention maps", "nothing is lost; the --out picture may be missing or incomplete"),
     "surprise": ("scoring the text", "nothing is lost; the --out file, if any, may be missing or incomplete"),

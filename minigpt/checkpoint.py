@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,23 @@ def resolve(path: str | Path, prefer: str = BEST) -> Path:
 
 
 def load(path: str | Path, prefer: str = BEST, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint; every way it can be unreadable becomes a CheckpointError."""
+    """Read and check a checkpoint; every way it can be unreadable or damaged becomes a CheckpointError.
+
+    When a run directory's last.pt or best.pt is refused and the other one loads, the error names
+    that one as the last good checkpoint."""
     file = resolve(path, prefer)
+    try:
+        return read(file, map_location)
+    except CheckpointError as exc:
+        exc.args = (exc.args[0] + last_good(file),)
+        raise
+
+
+def read(file: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The payload of one checkpoint file, after checking its archive's checksums, its format and its weights."""
     if file.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {file} is empty (0 bytes); use another checkpoint")
+    check_archive(file)
     try:
         with warnings.catch_warnings():  # damaged bytes can look like an exotic pickle protocol; the error says it all
             warnings.simplefilter("ignore")
@@ -119,8 +133,44 @@ def load(path: str | Path, prefer: str = BEST, map_location: str | torch.device 
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {file} is missing {', '.join(missing)}; it is damaged, use another one")
+    weights = payload["model"] if isinstance(payload["model"], dict) else {}
+    broken = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise CheckpointError(f"checkpoint {file} is damaged: its weights {', '.join(broken[:3])} hold NaN or infinite values")
     payload["path"] = str(file)
     return payload
+
+
+def check_archive(file: Path) -> None:
+    """Compare each member of the zip archive that torch.save writes with the CRC-32 stored for it.
+
+    torch.load does not, so damaged bytes in the weights would load as other numbers. A file that
+    is not a zip archive (torch's older format, or no checkpoint at all) is left to torch.load."""
+    if not zipfile.is_zipfile(file):
+        return
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()  # the first member whose bytes do not match, or None
+    except Exception as exc:  # noqa: BLE001 - a damaged directory or header fails in many ways
+        raise CheckpointError(f"checkpoint {file} is damaged: its archive cannot be read ({first_line(str(exc))}); "
+                              "use another checkpoint") from exc
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {file} is damaged: the bytes of {bad} do not match the checksum stored "
+                              "with them; use another checkpoint")
+
+
+def last_good(file: Path) -> str:
+    """For a refused last.pt or best.pt: '; the last good checkpoint is <the other one> (step N)', if it loads."""
+    if file.name not in (LAST, BEST):
+        return ""
+    other = file.with_name(BEST if file.name == LAST else LAST)
+    if not other.is_file():
+        return ""
+    try:
+        step = read(other)["step"]
+    except CheckpointError:
+        return f"; {other} is damaged too"
+    return f"; the last good checkpoint is {other} (step {step})"
 
 
 # ----------------------------------------------------------------------------- a trained model

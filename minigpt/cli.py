@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from minigpt import api
+from minigpt import __version__, api
 from minigpt.errors import PromptError
 from minigpt.exits import OneLineErrors, ignore_further_interrupts, state, user_errors
 
@@ -37,29 +37,22 @@ DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps 
 CheckpointOpt = typer.Option(..., "--checkpoint", help="A checkpoint file, or a run directory (its best.pt is used).")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"minigpt {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (same exit codes).")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (same exit codes)."),
+         version: bool = typer.Option(False, "--version", help="Print minigpt's version and exit.",
+                                      callback=_print_version, is_eager=True)) -> None:
     """Train a character-level GPT on any text and sample from it."""
     state["debug"] = debug
 
 
 def _load_config(path: Path, overrides: Optional[List[str]], device: Optional[str] = None, out_dir: Optional[Path] = None):
     return api.resolve_config(path, overrides, device=device or None, out_dir=out_dir or None)
-
-
-def _train_args(config: Path, out_dir: Optional[Path], device: Optional[str], set_: Optional[List[str]],
-                resume: bool, resume_from: Optional[Path], overwrite: bool, init_from: Optional[Path] = None) -> list[str]:
-    """The `minigpt` arguments that repeat this train command (without --nproc) in each torchrun process."""
-    args = (["--debug"] if state["debug"] else []) + ["train", "--config", str(config)]
-    args += ["--out-dir", str(out_dir)] if out_dir else []
-    args += ["--device", device] if device else []
-    for item in set_ or []:  # --time is among them, as train.time_budget=...
-        args += ["--set", item]
-    args += ["--resume"] if resume else []
-    args += ["--resume-from", str(resume_from)] if resume_from else []
-    args += ["--overwrite"] if overwrite else []
-    args += ["--init-from", str(init_from)] if init_from else []
-    return args
 
 
 @app.command()
@@ -80,18 +73,19 @@ def train(
                                              "(or checkpoint's) weights; the vocabulary gains the corpus's new characters."),
 ) -> None:
     """Train a model from a YAML config (prepares the data first if needed)."""
-    from minigpt.launch import check_launch, launch
+    from minigpt.launch import check_launch, launch, train_args
 
     if time_budget is not None:
         set_ = list(set_ or []) + [f"train.time_budget={time_budget}"]
     cfg = _load_config(config, set_, device, out_dir)
     check_launch(nproc, cfg.train.device, cfg.train.batch_size)
     if nproc > 1:
-        code = launch(nproc, _train_args(config, out_dir, device, set_, resume, resume_from, overwrite, init_from))
+        code = launch(nproc, train_args(config, out_dir, device, set_, resume, resume_from, overwrite, init_from,
+                                        debug=state["debug"]))
         if code in (130, 143):  # the workers stopped on a signal and saved
             ignore_further_interrupts()
         raise typer.Exit(code)
-    hint = shlex.join(["minigpt"] + _train_args(config, out_dir, device, set_, True, None, False))
+    hint = shlex.join(["minigpt"] + train_args(config, out_dir, device, set_, True, None, False))
     api.train(cfg, resume=resume_from or resume, overwrite=overwrite, resume_hint=hint, init_from=init_from)
 
 
@@ -99,7 +93,7 @@ def train(
 @user_errors
 def sample(
     checkpoint: Path = CheckpointOpt,
-    prompt: str = typer.Option(api.PROMPT, "--prompt", "-p", help="Text to continue (empty: start from a newline)."),
+    prompt: str = typer.Option(api.PROMPT, "--prompt", "-p", help="Text to continue (empty: a newline).", show_default="a newline"),
     max_new_tokens: int = typer.Option(api.MAX_NEW_TOKENS, "--max-new-tokens", "-n", help="Characters to generate (at most)."),
     temperature: float = typer.Option(api.TEMPERATURE, "--temperature", "-t", help="Randomness; 0 is greedy, 1 samples the model's distribution."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample only among the k most likely characters."),

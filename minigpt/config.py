@@ -10,10 +10,7 @@ train.learning_rate=3e-4`) go through the same validator.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
@@ -21,6 +18,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 import yaml
 
 from minigpt.errors import ConfigError
+from minigpt.typed import fill_section, suggest
 from minigpt.overrides import Overrides, apply_overrides, describe_overrides
 
 
@@ -103,82 +101,6 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
-
-# ----------------------------------------------------------------------------- type checking
-
-def _type_name(tp: Any) -> str:
-    """A readable name for a field type, e.g. 'int', 'one of strict, replace, ignore'."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return `value` as type `tp`, or raise TypeError. Ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
-            return value
-        raise TypeError
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option)
-            except TypeError:
-                pass
-        raise TypeError
-    if origin is list:
-        if not isinstance(value, list):
-            raise TypeError
-        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
-    raise TypeError
-
-
-def _suggest(key: str, valid: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean {prefix}{close[0]}?)" if close else f" (valid keys: {', '.join(valid)})"
-
-
-def _fill_section(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
-    """Build one section's dataclass from a YAML mapping, appending problems instead of raising."""
-    obj = cls()
-    if raw is None:
-        return obj
-    if not isinstance(raw, dict):
-        problems.append(f"{section}: expected a mapping of keys to values, got {raw!r}")
-        return obj
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key, value in raw.items():
-        if key not in hints:
-            problems.append(f"unknown key {section}.{key}" + _suggest(str(key), names, section + "."))
-            continue
-        try:
-            setattr(obj, key, _coerce(value, hints[key]))
-        except TypeError:
-            problems.append(f"{section}.{key} must be {_type_name(hints[key])}, got {value!r}")
-    return obj
 
 
 def _check_rules(cfg: Config, problems: list[str]) -> None:
@@ -267,6 +189,13 @@ def duration_seconds(value: float | str) -> float:
     return seconds
 
 
+def duration_text(value: float | str) -> str:
+    """A duration as the user wrote it: text as given ('5m'), a number of seconds with its unit (5.0 -> '5s')."""
+    if isinstance(value, str) and value.strip()[-1:].lower() in DURATION_UNITS:
+        return value.strip()
+    return f"{duration_seconds(value):g}s"
+
+
 def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:
     """Validate a plain mapping (as read from YAML) into a Config; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -277,9 +206,9 @@ def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:
     sections = {}
     for key in raw:
         if key not in SECTIONS and key != "name":
-            problems.append(f"unknown section {key!r}" + _suggest(str(key), list(SECTIONS), ""))
+            problems.append(f"unknown section {key!r}" + suggest(str(key), list(SECTIONS), ""))
     for section, cls in SECTIONS.items():
-        sections[section] = _fill_section(cls, raw.get(section), section, problems)
+        sections[section] = fill_section(cls, raw.get(section), section, problems)
     if "name" in raw:
         if isinstance(raw["name"], str) and raw["name"]:
             name = raw["name"]

@@ -32,6 +32,7 @@ from minigpt.config import DataConfig
 from minigpt.errors import DataError
 from minigpt.console import log
 from minigpt.lock import DirectoryLock
+from minigpt.signals import stopped_while
 from minigpt.tokenizer import CharTokenizer, codepoints_of, smallest_dtype
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -39,6 +40,7 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 TINY_SHAKESPEARE_NAME = "tinyshakespeare.txt"
 CHUNK_BYTES = 8 * 1024 * 1024  # bytes read per chunk while preparing
 META_VERSION = 1
+UNFINISHED = "it was not finished (nothing half-made is ever used); minigpt prepare or train starts it again"
 
 
 # ----------------------------------------------------------------------------- the default corpus
@@ -63,11 +65,9 @@ def default_corpus(data_dir: Path = Path("data")) -> Path:
                 payload = response.read()
     except OSError as exc:
         where = f"{target}" + (f" nor in {local.parent}" if local is not None else "")
-        raise DataError(
-            f"Tiny Shakespeare is not in {where} and could not be downloaded ({exc}); download "
-            f"{TINY_SHAKESPEARE_URL} to {target} yourself, set MINIGPT_DATA_DIR to a directory holding "
-            f"{TINY_SHAKESPEARE_NAME}, or train on another file with --set data.path=FILE"
-        ) from exc
+        raise DataError(f"Tiny Shakespeare is not in {where} and could not be downloaded ({exc}); download "
+                        f"{TINY_SHAKESPEARE_URL} to {target} yourself, set MINIGPT_DATA_DIR to a directory holding "
+                        f"{TINY_SHAKESPEARE_NAME}, or train on another file with --set data.path=FILE") from exc
     if hashlib.sha256(payload).hexdigest() != TINY_SHAKESPEARE_SHA256:
         raise DataError(f"{origin} is not Tiny Shakespeare: its sha256 differs from {TINY_SHAKESPEARE_SHA256}; "
                         "replace it with the original file, or set data.path to train on it as your own corpus")
@@ -100,11 +100,11 @@ def _expand(entry: str) -> list[Path]:
     return [path]
 
 
-def resolve_sources(data: DataConfig) -> list[Path]:
-    """The files that make up the corpus, in order."""
+def resolve_sources(data: DataConfig, fetch: bool = True) -> list[Path]:
+    """The files that make up the corpus, in order (`fetch=False`: the default corpus only if it is in data/ already)."""
     entries = data.path if isinstance(data.path, list) else [data.path]
     if entries in ([], [""]):
-        return [default_corpus()]
+        return [default_corpus()] if fetch else _expand(str(Path("data") / TINY_SHAKESPEARE_NAME))
     files: list[Path] = []
     for entry in entries:
         files.extend(_expand(entry))
@@ -161,10 +161,8 @@ def _decoded_chunks(files: list[Path], data: DataConfig, on_bytes: Callable[[int
                     text = decoder.decode(raw, final=final)
                 except UnicodeDecodeError as exc:
                     at = offset - pending + exc.start
-                    raise DataError(
-                        f"{path} is not valid {data.encoding}: undecodable byte at offset {at} ({exc.reason}); "
-                        "convert the file to UTF-8, or set data.errors to replace or ignore"
-                    ) from exc
+                    raise DataError(f"{path} is not valid {data.encoding}: undecodable byte at offset {at} ({exc.reason}); "
+                                    "convert the file to UTF-8, or set data.errors to replace or ignore") from exc
                 finally:
                     _BAD_BYTES.reset(tally)
                 offset += len(raw)
@@ -219,6 +217,12 @@ def _reuse(out: Path, fingerprint: dict) -> Prepared | None:
     return Prepared(out, CharTokenizer.from_dict(meta["tokenizer"]), meta)
 
 
+def find_prepared(data: DataConfig, base_vocab: list[str] | None = None) -> Prepared | None:
+    """The corpus's prepared arrays if they are up to date, else None: only reads (no lock, no download, no writing)."""
+    files = resolve_sources(data, fetch=False)
+    return _reuse(prepared_dir_for(files, data, base_vocab), _fingerprint(files, data, base_vocab))
+
+
 def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], None] | None = None,
             force: bool = False, base_vocab: list[str] | None = None, wait: bool = True) -> Prepared:
     """Encode the corpus into train/val token arrays, or reuse them if the sources are unchanged.
@@ -234,7 +238,7 @@ def prepare(data: DataConfig, block_size: int, progress: Callable[[int, int], No
     fingerprint = _fingerprint(files, data, base_vocab)
     prepared = None if force else _reuse(out, fingerprint)
     if prepared is None:
-        with DirectoryLock(out, "prepare of this corpus", wait=wait):
+        with stopped_while("preparing the data", UNFINISHED), DirectoryLock(out, "prepare of this corpus", wait=wait):
             prepared = None if force else _reuse(out, fingerprint)  # a writer we waited for may have made it
             if prepared is None:
                 prepared = _write(files, out, fingerprint, data, base_vocab, progress)
@@ -277,16 +281,21 @@ def _write(files: list[Path], out: Path, fingerprint: dict, data: DataConfig, ba
     # instead of counting toward this process's resident memory. The old meta.json goes first,
     # so that until the new one is in place no reader pairs it with the new arrays.
     (out / "meta.json").unlink(missing_ok=True)
-    position = 0
-    with open(out / "train.bin.tmp", "wb") as train_file, open(out / "val.bin.tmp", "wb") as val_file:
-        for _, _, text in _decoded_chunks(files, data, advance):
-            ids = tokenizer.encode_array(text).astype(dtype)
-            split_at = min(max(n_train - position, 0), len(ids))  # ids before this index are training text
-            train_file.write(ids[:split_at].tobytes())
-            val_file.write(ids[split_at:].tobytes())
-            position += len(ids)
+    position, tmp = 0, {split: out / f"{split}.bin.tmp" for split in ("train", "val")}
+    try:
+        with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
+            for _, _, text in _decoded_chunks(files, data, advance):
+                ids = tokenizer.encode_array(text).astype(dtype)
+                split_at = min(max(n_train - position, 0), len(ids))  # ids before this index are training text
+                train_file.write(ids[:split_at].tobytes())
+                val_file.write(ids[split_at:].tobytes())
+                position += len(ids)
+    except BaseException:  # failed or interrupted (Ctrl-C): leave no half-written arrays behind
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
     for split in ("train", "val"):
-        os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
+        os.replace(tmp[split], out / f"{split}.bin")
 
     meta = {
         "fingerprint": fingerprint,
@@ -326,11 +335,9 @@ def check_lengths(prepared: Prepared, block_size: int) -> None:
     for split in ("train", "val"):
         have = prepared.meta[f"{split}_tokens"]
         if have < need:
-            raise DataError(
-                f"the {split} split of {corpus_name(prepared.meta['sources'])} has {have} characters but model.block_size "
-                f"{block_size} needs at least {need}; use a longer corpus, a smaller model.block_size"
-                + (", or a larger data.val_fraction" if split == "val" else "")
-            )
+            raise DataError(f"the {split} split of {corpus_name(prepared.meta['sources'])} has {have} characters but "
+                            f"model.block_size {block_size} needs at least {need}; use a longer corpus, a smaller "
+                            "model.block_size" + (", or a larger data.val_fraction" if split == "val" else ""))
 
 
 # ----------------------------------------------------------------------------- batches

@@ -49,7 +49,7 @@ def evaluate_and_save(run: Run, out: Outputs | None = None) -> None:
                             f"saving; lower train.learning_rate (now {cfg.train.learning_rate:g}), then --resume")
     bpc = losses["val"] / math.log(2)
     run.history.append({"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
-                        "val_bpc": bpc, "time_s": time.perf_counter()})
+                        "val_bpc": bpc, "time_s": time.perf_counter() - run.started})
     out.tracker.scalars(run.step, {"train/eval_loss": losses["train"], "val/loss": losses["val"], "val/bpc": bpc})
     if run.world.is_main and cfg.train.sample_chars > 0:
         out.tracker.text(run.step, "samples/text", text_sample(run.model, run.tokenizer, cfg, run.device, run.step))

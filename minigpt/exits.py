@@ -4,7 +4,8 @@ A user error (minigpt.errors) is printed as one line, `error: ...`, naming optio
 command line spells them, with the exit code of its kind; `--debug` adds the traceback. A
 mistake on the command line itself (an unknown option, a missing value, a stray word) is one
 line too, `error: ...; hint`, exit code 2. A stdout closed early (`minigpt sample ... | head`) is
-a normal end: exit code 0, nothing printed.
+a normal end: exit code 0, nothing printed. A Ctrl-C is one line too, `stopped by SIGINT (Ctrl-C)
+while ...: ...`, saying what it stopped and what that means, exit code 130.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from minigpt.errors import Interrupted, MiniGPTError, TrainingError
+from minigpt.signals import SecondInterrupt
 
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click.exceptions import ClickException, UsageError
@@ -75,7 +77,8 @@ state = {"debug": False}  # --debug: show the traceback of an error too
 def user_errors(fn: Callable) -> Callable:
     """Turn MiniGPTError into one line on stderr and the error's exit code (plus the traceback with --debug).
 
-    A stop by a signal is reported as `stopped ...`, not as an error. A stdout closed by its reader
+    A stop by a signal is reported as `stopped ...`, not as an error: a Ctrl-C outside the training
+    loop names what it interrupted (`interrupted_message`), exit 130. A stdout closed by its reader
     ends the command quietly with exit code 0.
     """
 
@@ -96,14 +99,39 @@ def user_errors(fn: Callable) -> Callable:
             if not (agreed and os.environ.get("RANK", "0") != "0"):
                 typer.echo(f"{'' if isinstance(exc, Interrupted) else 'error: '}{exc.for_cli()}", err=True)
             raise typer.Exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             ignore_further_interrupts()
             if state["debug"]:
                 traceback.print_exc()
-            typer.echo("aborted (second interrupt): nothing was saved after the last checkpoint", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every process got it; rank 0 speaks
+                typer.echo(interrupted_message(exc, fn.__name__), err=True)
             raise typer.Exit(130)
 
     return wrapper
+
+
+STOPPED_WHILE = {  # a first Ctrl-C outside the training loop, by command: (what was happening, what it means)
+    "train": ("starting or finishing the run, outside the training steps",
+              "no checkpoint was being written; those in the run directory are as they were"),
+    "sample": ("sampling", "nothing is lost (sample writes no files)"),
+    "prepare": ("preparing the data", "nothing half-made is ever used; minigpt prepare again finishes or reuses it"),
+    "config_show": ("reading the config", "nothing is lost (config show writes no files)"),
+    "attention": ("drawing the attention maps", "nothing is lost; the --out picture may be missing or incomplete"),
+    "surprise": ("scoring the text", "nothing is lost; the --out file, if any, may be missing or incomplete"),
+    "eval_": ("evaluating", "nothing is lost (eval writes no files)"),
+    "explain": ("explaining the head", "nothing is lost (explain writes no files)"),
+    "info": ("reading the checkpoint", "nothing is lost (info writes no files)"),
+    "plot": ("drawing the loss curves", "nothing is lost; the --out picture may be missing or incomplete"),
+    "bench": ("benchmarking", "nothing is lost (bench measures in a temporary directory)"),
+}
+
+
+def interrupted_message(exc: KeyboardInterrupt, command: str) -> str:
+    """The one line for a Ctrl-C: a second one during training aborts; a first one names what it stopped."""
+    if isinstance(exc, SecondInterrupt):
+        return "aborted (second interrupt): nothing was saved after the last checkpoint"
+    doing, outcome = getattr(exc, "stopped_while", None) or STOPPED_WHILE.get(command, ("running", "nothing was saved"))
+    return f"stopped by SIGINT (Ctrl-C) while {doing}: {outcome}"
 
 
 def silence_stdout() -> None:

@@ -20,7 +20,7 @@ from minigpt import checkpoint, data
 from minigpt.checkpoint import LoadedModel
 from minigpt.errors import DataError, PromptError
 from minigpt.model import GPT
-from minigpt.scoring import LN2, token_nll
+from minigpt.scoring import LN2, mean_nll, token_nll
 from minigpt.tokenizer import UnknownPolicy
 
 
@@ -74,11 +74,11 @@ class Evaluation:
                 "stride": self.stride, "block_size": self.block_size}
 
 
-def evaluate_ids(loaded: LoadedModel, ids: torch.Tensor, source: str, stride: int | None = None) -> Evaluation:
-    """Exact bits per character of a sequence of ids."""
+def evaluate_ids(loaded: LoadedModel, ids: torch.Tensor | np.ndarray, source: str, stride: int | None = None) -> Evaluation:
+    """Exact bits per character of a sequence of ids (a tensor, or a memory-mapped array read window by window)."""
     stride = stride or max(1, loaded.config.model.block_size // 2)
-    nll = token_nll(loaded.model, ids, stride)
-    return Evaluation(source=source, characters=len(nll), loss=float(nll.double().mean()), stride=stride,
+    loss, characters = mean_nll(loaded.model, ids, stride)
+    return Evaluation(source=source, characters=characters, loss=loss, stride=stride,
                       block_size=loaded.config.model.block_size)
 
 
@@ -99,19 +99,28 @@ def evaluate_file(loaded: LoadedModel, path: Path, stride: int | None = None,
     return evaluate_ids(loaded, encode_text(loaded, read_text_file(loaded, path), unknown), str(path), stride)
 
 
-def split_ids(loaded: LoadedModel, split: str) -> torch.Tensor:
-    """The prepared token array of the data the checkpoint was trained on ('train' or 'val')."""
+def split_ids(loaded: LoadedModel, split: str) -> np.memmap:
+    """The prepared token array (memory-mapped) of the data the checkpoint was trained on ('train' or 'val').
+
+    Read as it is: never prepared here and no lock taken, so it works beside a training run; a
+    missing or stale preparation is a DataError that says which command prepares it."""
     if split not in ("train", "val"):
         raise PromptError(f"{{--split}} must be train or val, got {split!r}")
-    prepared = data.prepare(loaded.config.data, loaded.config.model.block_size,
-                            base_vocab=checkpoint.base_vocabulary(loaded.payload))  # a fine-tuned run's ids
+    base_vocab = checkpoint.base_vocabulary(loaded.payload)  # a fine-tuned run's ids
+    prepared = data.find_prepared(loaded.config.data, base_vocab)
     trained_on = loaded.payload.get("data") or {}
+    if prepared is None:
+        config = Path(loaded.payload["path"]).parent / "config.yaml"
+        how = (f"prepare it with: minigpt prepare --config {config if config.is_file() else 'CONFIG'}" if base_vocab is None
+               else "a fine-tuned run's data is prepared by its training (minigpt train --init-from ...)")
+        raise DataError(f"the {split} split of {data.corpus_name(trained_on.get('sources') or ['the corpus'])} is not "
+                        f"prepared, or the corpus changed since; {how}; or evaluate a file with {{--file}}")
     if trained_on.get("sha256") and trained_on["sha256"] != prepared.meta["source_sha256"]:
         raise DataError(f"the corpus {', '.join(prepared.meta['sources'])} has changed since the checkpoint was "
                         "trained on it; evaluate a file with {--file} instead")
     if prepared.tokenizer.chars != loaded.tokenizer.chars:
         raise DataError("the prepared corpus has a different vocabulary from the checkpoint's; use {--file} instead")
-    return torch.from_numpy(np.asarray(prepared.tokens(split), dtype=np.int64))
+    return prepared.tokens(split)
 
 
 def evaluate_split(loaded: LoadedModel, split: str = "val", stride: int | None = None) -> Evaluation:

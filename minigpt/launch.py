@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from minigpt import budget
 from minigpt.distributed import check_gpus, per_rank_batch, process_device, torchrun_env
@@ -30,6 +31,22 @@ def check_launch(nproc: int, device: str, batch_size: int) -> None:
     kind = process_device(device.split(":")[0], 0).type  # rejects mps and unknown names
     if kind == "cuda":
         check_gpus(nproc)
+
+
+def train_args(config: Path, out_dir: Path | None, device: str | None, set_: list[str] | None, resume: bool,
+               resume_from: Path | None, overwrite: bool, init_from: Path | None = None, debug: bool = False) -> list[str]:
+    """The `minigpt` arguments that repeat a train command (without --nproc): in each torchrun process, and
+    in the command a stopped run prints to continue it."""
+    args = (["--debug"] if debug else []) + ["train", "--config", str(config)]
+    args += ["--out-dir", str(out_dir)] if out_dir else []
+    args += ["--device", device] if device else []
+    for item in set_ or []:  # --time is among them, as train.time_budget=...
+        args += ["--set", item]
+    args += ["--resume"] if resume else []
+    args += ["--resume-from", str(resume_from)] if resume_from else []
+    args += ["--overwrite"] if overwrite else []
+    args += ["--init-from", str(init_from)] if init_from else []
+    return args
 
 
 def launch_command(nproc: int, minigpt_args: list[str]) -> list[str]:

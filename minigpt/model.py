@@ -46,14 +46,6 @@ class LayerCache:
     kv: torch.Tensor
     length: int = 0
 
-    @property
-    def k(self) -> torch.Tensor:
-        return self.kv[:, :, :, 0]  # (B, nh, block_size, hs)
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.kv[:, :, :, 1]  # (B, nh, block_size, hs)
-
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' keys and values (B, nh, T, hs); return all keys and values so far."""
         return self.append_kv(torch.stack([k, v], dim=3))

@@ -13,6 +13,7 @@ checkpoint's contents and back in one place, so what a checkpoint holds is liste
 from __future__ import annotations
 
 import math
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class Run:
     threads: device_mod.ThreadPolicy = field(default_factory=device_mod.ThreadPolicy)  # CPU threads, following the load
     deadline: budget.Deadline | None = None  # a budgeted fresh run's deadline and what its steps cost lately
     history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
+    started: float = field(default_factory=time.perf_counter)  # when this process's training began (history's time_s)
     init_from: dict | None = None  # where a fine-tuned run's first weights came from (kept in its checkpoints)
     lock: DirectoryLock | None = None  # rank 0's exclusive lock on the run directory, held until close()
 

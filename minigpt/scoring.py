@@ -17,8 +17,11 @@ Bits per character is the mean cross-entropy in nats divided by ln 2.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -29,45 +32,69 @@ from minigpt.model import GPT
 LN2 = math.log(2)
 
 
-def window_plan(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]]:
-    """The windows that score every target once: (start, first local position to score) pairs."""
+def windows(n_tokens: int, block_size: int, stride: int) -> Iterator[tuple[int, int]]:
+    """The windows that score every target once, in order: (start, first local position to score) pairs."""
     n_targets = n_tokens - 1
     if n_targets < 1:
-        return []
+        return
     T = min(block_size, n_targets)
-    starts = list(range(0, n_targets - T + 1, stride))
-    if starts[-1] != n_targets - T:
-        starts.append(n_targets - T)  # align the last window to the end of the text
-    plan, scored = [], 0  # targets 1 .. scored are done
-    for start in starts:
-        plan.append((start, max(0, scored - start)))  # local i predicts target start + 1 + i
+    last = n_targets - T  # the last window is aligned to the end of the text
+    start, scored = 0, 0  # targets 1 .. scored are done
+    while True:
+        yield start, max(0, scored - start)  # local i predicts target start + 1 + i
         scored = start + T
-    return plan
+        if start == last:
+            return
+        start = min(start + stride, last)
 
 
-@torch.no_grad()
-def token_nll(model: GPT, ids: torch.Tensor, stride: int | None = None, batch_size: int = 64) -> torch.Tensor:
-    """Cross-entropy in nats of every character after the first, (N-1,), from strided windows."""
+def window_plan(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]]:
+    """All of `windows` as a list."""
+    return list(windows(n_tokens, block_size, stride))
+
+
+def scored_batches(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None,
+                   batch_size: int = 64) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+    """Each batch of windows with its losses in nats, (B, T); `ids` may be a memory-mapped array of any integer
+    type: only each batch of windows is read and widened to int64, so memory does not grow with the text."""
     block_size = model.config.block_size
     stride = stride or max(1, block_size // 2)
     if not 1 <= stride <= block_size:
         raise PromptError(f"{{--stride}} must be between 1 and block_size ({block_size}), got {stride}")
-    ids = ids.to(torch.long).cpu()
-    plan = window_plan(len(ids), block_size, stride)
+    ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else ids
+    T = min(block_size, len(ids) - 1)
     device = next(model.parameters()).device
-    nll = torch.empty(max(len(ids) - 1, 0), dtype=torch.float32)
+    plan = windows(len(ids), block_size, stride)
     was_training = model.training
     model.eval()
-    for b in range(0, len(plan), batch_size):
-        chunk = plan[b:b + batch_size]
-        T = min(block_size, len(ids) - 1)
-        starts = torch.tensor([s for s, _ in chunk])
-        offsets = starts[:, None] + torch.arange(T + 1)  # (B, T+1)
-        window = ids[offsets]
-        x, y = window[:, :-1].to(device), window[:, 1:].to(device)  # (B, T) each
-        logits, _ = model(x)
-        losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").cpu()  # (B, T)
+    try:
+        while chunk := list(itertools.islice(plan, batch_size)):
+            offsets = np.array([s for s, _ in chunk])[:, None] + np.arange(T + 1)  # (B, T+1)
+            window = torch.from_numpy(ids[offsets].astype(np.int64))
+            x, y = window[:, :-1].to(device), window[:, 1:].to(device)  # (B, T) each
+            with torch.no_grad():
+                logits, _ = model(x)
+            yield chunk, F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").cpu()  # (B, T)
+    finally:
+        model.train(was_training)
+
+
+def token_nll(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None, batch_size: int = 64) -> torch.Tensor:
+    """Cross-entropy in nats of every character after the first, (N-1,), from strided windows."""
+    nll = torch.empty(max(len(ids) - 1, 0), dtype=torch.float32)
+    for chunk, losses in scored_batches(model, ids, stride, batch_size):
+        T = losses.size(1)
         for row, (start, first) in enumerate(chunk):
             nll[start + first:start + T] = losses[row, first:]  # targets start+1+first .. start+T
-    model.train(was_training)
     return nll
+
+
+def mean_nll(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None,
+             batch_size: int = 64) -> tuple[float, int]:
+    """The mean of `token_nll` and how many characters it scored, summed batch by batch (no per-character array)."""
+    total, count = 0.0, 0
+    for chunk, losses in scored_batches(model, ids, stride, batch_size):
+        scored = torch.arange(losses.size(1)) >= torch.tensor([first for _, first in chunk])[:, None]  # (B, T)
+        total += losses.double()[scored].sum().item()
+        count += int(scored.sum())
+    return total / max(count, 1), count

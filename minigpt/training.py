@@ -17,6 +17,7 @@ that was never stopped.
 from __future__ import annotations
 
 import copy
+import time
 import math
 import shlex
 import shutil
@@ -28,7 +29,7 @@ from typing import NoReturn
 
 import torch
 
-from minigpt import budget, checkpoint
+from minigpt import budget, checkpoint, config as config_mod
 from minigpt.config import Config
 from minigpt.console import duration
 from minigpt.distributed import current_world
@@ -47,7 +48,7 @@ class TrainResult:
     run_dir: Path
     step: int
     best_val_loss: float
-    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    history: list[dict] = field(default_factory=list)  # per evaluation: step, losses, val_bpc, time_s (s since train began)
 
 
 def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, progress: bool = True,
@@ -58,10 +59,12 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
     or run directory) starts from that model's weights instead of random ones. Launched by torchrun, this
     process trains its share of every batch and leaves the process group at the end.
     """
+    started = time.perf_counter()
     world = current_world(cfg.train.device, cfg.train.batch_size)
     finished = False
     try:
         run = start_run(cfg, world, resume, overwrite, init_from)
+        run.started = started  # history's time_s counts from here, data preparation included
         signals = StopSignals()
         try:
             with signals.installed():
@@ -131,7 +134,7 @@ def fit_budget(run: Run, signals: StopSignals) -> budget.Costs:
 def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None = None) -> None:
     """Say what is about to run in one line (with what the time budget measured), then open the tracker."""
     t = run.cfg.train
-    fitted = (f" (time budget {duration_text(t.time_budget)}: {measured.step_s * 1000:.1f} ms/step, "
+    fitted = (f" (time budget {config_mod.duration_text(t.time_budget)}: {measured.step_s * 1000:.1f} ms/step, "
               f"{measured.eval_s:.1f} s per evaluation, {measured.elapsed_s:.1f} s to start; the plan follows the "
               "machine's speed)") if measured else ""
     threads = "" if run.device.type != "cpu" else (f", {torch.get_num_threads()} threads"
@@ -147,11 +150,6 @@ def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None
                 f"to train longer: --resume{unbudgeted} --set train.max_iters=N with N > {run.step}")
     run.tracker = Tracker(run.run_dir, run.step, t.max_iters, enabled=run.world.is_main,
                           progress=progress and run.step < t.max_iters)
-
-
-def duration_text(value: float | str) -> str:
-    """A time budget as a person writes it: 5m stays 5m, 5 (seconds) becomes 5s."""
-    return value if isinstance(value, str) and not value.strip().replace(".", "", 1).isdigit() else f"{float(value):g}s"
 
 
 def training_loop(run: Run, signals: StopSignals, resume_hint: str) -> None:
@@ -277,10 +275,15 @@ def log_progress(run: Run, recent: RecentSteps, lr: float) -> None:
 
 
 def example_prompt(text: str, limit: int = 24) -> str:
-    """A short prompt taken from the beginning of a text: its first whole line, cut at a word, at most `limit` characters."""
-    lines = text.split("\n")
-    candidates = [line for line in lines[1:-1] if line.strip()] or [line for line in lines if line.strip()]
-    line = candidates[0].strip() if candidates else text.strip() or "\n"
+    """A short prompt a shell can take, from the beginning of a text: its first whole line of printable characters,
+    cut at a word, at most `limit` characters; else the text's printable characters; else ''."""
+
+    def readable(line: str) -> bool:
+        return line.isprintable() and "\ufffd" not in line  # no control bytes, NULs or undecodable bytes
+
+    lines = [line.strip() for line in text.split("\n")]
+    candidates = [line for line in lines[1:-1] if line and readable(line)] or [line for line in lines if line and readable(line)]
+    line = candidates[0] if candidates else "".join(c for c in text if readable(c)).strip()
     if len(line) > limit:
         cut = line.rfind(" ", 0, limit + 1)
         line = line[:cut] if cut > 0 else line[:limit]
@@ -288,8 +291,9 @@ def example_prompt(text: str, limit: int = 24) -> str:
 
 
 def sample_command(run_dir: Path, val_text: str) -> str:
-    """The `minigpt sample` command line for a run, with a prompt from the start of its validation text."""
-    return shlex.join(["minigpt", "sample", "--checkpoint", str(run_dir), "--prompt", example_prompt(val_text)])
+    """The `minigpt sample` command line for a run, with a prompt from the start of its validation text (if readable)."""
+    prompt = example_prompt(val_text)
+    return shlex.join(["minigpt", "sample", "--checkpoint", str(run_dir)] + (["--prompt", prompt] if prompt else []))
 
 
 def stop_on_signal(run: Run, signum: int, saved: bool, resume_hint: str) -> NoReturn:

@@ -151,8 +151,10 @@ def surprise_figure(chars: list[str], bits: list[float], title: str = "") -> Any
     ax.set_xticks([])
     ax.set_yticks([])
     fig.colorbar(image, ax=ax, label="bits")
-    ax.set_title(title or f"surprise, -log2 p(char | context): {sum(bits) / len(bits):.3f} bits/char "
-                          "(first character: context only)")
+    heading = fig.suptitle(title or f"surprise, -log2 p(char | context): {sum(bits) / len(bits):.3f} bits/char "
+                                    "(first character: context only)")
+    needed = heading.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 0.4  # inches, with margins
+    fig.set_figwidth(max(fig.get_figwidth(), needed))  # a short text's grid is narrower than its title
     return fig
 
 

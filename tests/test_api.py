@@ -106,6 +106,26 @@ def test_train_returns_the_run_and_prints_a_hint_from_its_validation_text(traine
     assert args[5] and args[5] in val[:256] and args[5] != "ROMEO:"
 
 
+def test_history_time_is_seconds_since_the_run_started(tmp_path):
+    """TrainResult.history[i]["time_s"]: seconds from the start of this training, not a raw perf_counter value."""
+    import time
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    overrides = {"train.max_iters": 4, "train.eval_interval": 2, "train.warmup_iters": 1, "train.eval_iters": 1,
+                 "train.sample_chars": 0, "train.threads": 1, "data.prepared_dir": str(tmp_path / "prepared")}
+    threads = torch.get_num_threads()
+    before = time.perf_counter()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            result = minigpt.train(CONFIGS / "tiny.yaml", overrides=overrides, data=corpus, out_dir=tmp_path / "run",
+                                   device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    took = time.perf_counter() - before
+    times = [h["time_s"] for h in result.history]
+    assert len(times) == 2 and 0 <= times[0] <= times[1] <= took, (times, took)
+
+
 def test_model_attributes(model, trained):
     assert isinstance(model.module, torch.nn.Module) and not model.module.training
     assert model.config.model.n_layer == 2 and model.path == trained[0].run_dir / "best.pt"

@@ -2,6 +2,8 @@
 
 import errno
 import os
+import random
+import re
 
 import pytest
 import torch
@@ -87,6 +89,71 @@ def test_bad_checkpoint_files_raise_clear_errors(run, tmp_path, damage, message)
     with pytest.raises(CheckpointError, match=message) as info:
         checkpoint.load(bad)
     assert str(bad) in str(info.value)
+
+
+def damaged_copy(run, tmp_path, where: str, name: str = checkpoint.LAST):
+    """A copy of the run's two checkpoints in tmp_path/run, with 5,000 seeded random bytes written over `name` at `where`."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True)
+    for each in (checkpoint.LAST, checkpoint.BEST):
+        (run_dir / each).write_bytes((run.run_dir / each).read_bytes())
+    target = run_dir / name
+    raw = bytearray(target.read_bytes())
+    at = {"beginning": 0, "middle": len(raw) // 2, "end": len(raw) - 5_000}[where]
+    raw[at:at + 5_000] = random.Random(at).randbytes(5_000)
+    target.write_bytes(bytes(raw))
+    return target
+
+
+@pytest.mark.parametrize("where", ["beginning", "middle", "end"])
+def test_damaged_bytes_are_refused_by_sample_eval_and_info_naming_the_last_good_one(run, tmp_path, where):
+    from typer.testing import CliRunner
+
+    from minigpt.cli import app
+
+    bad = damaged_copy(run, tmp_path, where)
+    good = bad.with_name(checkpoint.BEST)
+    for args in (["sample", "-n", "20"], ["eval"], ["info"]):
+        done = CliRunner().invoke(app, [*args, "--checkpoint", str(bad)])
+        assert done.exit_code == CheckpointError.exit_code == 4, (args, done.output)
+        message = done.stderr.strip()
+        assert message.startswith(f"error: checkpoint {bad} ") and "\n" not in message, message
+        assert f"the last good checkpoint is {good} (step " in message, message
+        assert done.stdout == ""
+    # The run directory itself means its best.pt: that one is intact, so sampling from the directory works.
+    assert CliRunner().invoke(app, ["info", "--checkpoint", str(bad.parent)]).exit_code == 0
+
+
+def test_damaged_weights_anywhere_are_refused_and_a_damaged_best_names_last(run, tmp_path):
+    """Zeros (finite, plausible) over the middle of best.pt: refused; with both damaged, no last good one is named."""
+    bad = damaged_copy(run, tmp_path, "middle", name=checkpoint.BEST)
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 5_000] = bytes(5_000)
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="damaged") as info:
+        checkpoint.load(bad.parent)  # the run directory: best.pt first
+    assert str(bad) in str(info.value) and f"the last good checkpoint is {bad.with_name(checkpoint.LAST)}" in str(info.value)
+    last = damaged_copy(run, tmp_path / "both", "middle")
+    (last.with_name(checkpoint.BEST)).write_bytes(bad.read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(last)
+    assert "last good" not in str(info.value) and str(last.with_name(checkpoint.BEST)) in str(info.value)
+
+
+def test_non_finite_weights_are_refused(run, tmp_path):
+    payload = checkpoint.load(run.run_dir)
+    name = next(iter(payload["model"]))
+    payload["model"][name][0] = float("nan")
+    checkpoint.save(tmp_path / "nan.pt", {k: v for k, v in payload.items() if k not in ("format", "version", "path")})
+    with pytest.raises(CheckpointError, match=rf"checkpoint .*nan.pt is damaged: .*{re.escape(name)}"):
+        checkpoint.load(tmp_path / "nan.pt")
+
+
+def test_a_checkpoint_outside_a_zip_archive_still_loads(run, tmp_path):
+    """torch's older (non-zip) format carries no CRCs: it is read as before."""
+    payload = checkpoint.load(run.run_dir)
+    torch.save({k: v for k, v in payload.items() if k != "path"}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert checkpoint.load(tmp_path / "old.pt")["step"] == payload["step"]
 
 
 def test_missing_paths_and_empty_run_dirs(tmp_path):

@@ -126,6 +126,53 @@ def test_help_lists_every_command_and_option():
     assert subprocess.run([str(console_script), "--help"], capture_output=True, text=True).returncode == 0
 
 
+def test_version_prints_the_package_version():
+    import minigpt
+
+    done = run_cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"minigpt {minigpt.__version__}\n" and done.stderr == ""
+
+
+def test_every_shown_default_is_readable():
+    """No `[default:  ]` (a newline or blanks shown as nothing): every default a --help shows has visible text."""
+    from typer.main import get_command
+
+    from minigpt.cli import app
+
+    group = get_command(app)
+    commands = [([name], cmd) for name, cmd in group.commands.items() if not hasattr(cmd, "commands")]
+    commands += [([name, sub], c) for name, cmd in group.commands.items() for sub, c in getattr(cmd, "commands", {}).items()]
+    runner = CliRunner()
+    for words, _ in commands:
+        shown = runner.invoke(app, [*words, "--help"], prog_name="minigpt", terminal_width=400)
+        assert shown.exit_code == 0, shown.output
+        defaults = re.findall(r"\[default: (.*?)\]", shown.stdout, re.DOTALL)
+        blank = [d for d in defaults if not d.strip() or not d.isprintable()]
+        assert not blank, f"minigpt {' '.join(words)} --help shows unreadable defaults {blank!r}"
+    sample_help = runner.invoke(app, ["sample", "--help"], prog_name="minigpt", terminal_width=400).stdout
+    assert "[default: (a newline)]" in sample_help
+
+
+@pytest.mark.parametrize("given, shown", [("5", "5s"), ("90.5", "90.5s"), ("5m", "5m"), ("1.5h", "1.5h")])
+def test_the_first_line_shows_the_time_budget_as_given(tmp_path, capsys, given, shown):
+    from minigpt import budget
+    from minigpt.config import load
+    from minigpt.distributed import current_world
+    from minigpt.run import start_run
+    from minigpt.training import open_progress
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    cfg = load(CONFIGS / "tiny.yaml", tiny_sets(tmp_path, corpus) + [f"train.time_budget={given}"])
+    run = start_run(cfg, current_world("cpu", cfg.train.batch_size))
+    try:
+        open_progress(run, progress=False, measured=budget.Costs(elapsed_s=1.0, step_s=0.01, eval_s=0.5))
+    finally:
+        run.close()
+    first = [line for line in capsys.readouterr().err.splitlines() if line.startswith("minigpt:")][0]
+    assert f"(time budget {shown}: 10.0 ms/step" in first, first
+
+
 def test_closed_stdout_is_a_normal_end(trained):
     """`minigpt sample ... | head -c 100` under pipefail: sample stops promptly and exits 0 without a word."""
     _, run, _ = trained

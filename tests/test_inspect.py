@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -128,6 +129,22 @@ def test_surprise_picture(loaded, tmp_path):
     assert width > 300 and height > 100
 
 
+@pictures
+@pytest.mark.parametrize("text", ["ab", "To be", TEXT * 3])
+def test_surprise_picture_shows_its_whole_title(text):
+    """The title fits inside the figure, however short the text (measured with matplotlib's own text extent)."""
+    from matplotlib.text import Text
+
+    bits = [1.0 + i % 3 for i in range(len(text) - 1)]
+    fig = viz.surprise_figure(list(text), bits)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    titles = [t for t in fig.findobj(Text) if "bits/char" in t.get_text()]
+    assert len(titles) == 1
+    box, page = titles[0].get_window_extent(renderer), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (box, page)
+
+
 def test_surprise_html_escapes_and_shows_bits():
     page = viz.surprise_html(list('<a&"b>\n'), [1.0, 2.0, 3.0, 4.0, 5.0, 9.0], title="t<")
     assert "<a" not in page.split('<div class="text">')[1].replace("<span", "")
@@ -206,6 +223,80 @@ def test_cli_eval_val_split_matches_library(run, loaded):
     assert expected.loss == pytest.approx(loaded.payload["best_val_loss"], abs=0.1)
     bad = cli("eval", "--checkpoint", str(run), "--split", "test")
     assert bad.returncode != 0 and bad.stderr.startswith("error: --split must be train or val")
+
+
+@pytest.fixture(scope="module")
+def half_val_run(tmp_path_factory):
+    """(config, corpus) of a 2-step run whose val split is half of a ~200 KB corpus (its own prepared data)."""
+    tmp = tmp_path_factory.mktemp("eval-split")
+    corpus = write_corpus(tmp / "corpus.txt", repeats=1200)
+    cfg = tiny_config(tmp, corpus, "train.max_iters=2", "train.eval_interval=2", "train.warmup_iters=1",
+                      "train.eval_iters=1", "train.sample_chars=0", "train.threads=1", "data.val_fraction=0.5")
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return cfg, corpus
+
+
+def test_split_eval_reads_the_memory_mapped_array_in_windows(half_val_run, monkeypatch):
+    """No copy of the whole split as int64 (8 bytes a character, on top of the uint8 array): numpy's and Python's
+    allocations while scoring stay under 2 bytes a character (a batch of windows at a time)."""
+    import tracemalloc
+
+    cfg, _ = half_val_run
+    loaded = load_model(str(cfg.run_dir()), torch.device("cpu"))
+    n = loaded.payload["data"]["val_tokens"]
+    assert n > 100_000
+    result = evaluate.evaluate_split(loaded, "val")  # once untraced: imports and first-call caches
+    ids = torch.from_numpy(np.fromfile(next((cfg.run_dir().parent / "prepared").iterdir()) / "val.bin", dtype=np.uint8))
+    by_hand = scoring.token_nll(loaded.model, ids.long(), stride=16).double().mean().item()
+    assert result.characters == n - 1 and result.loss == pytest.approx(by_hand, rel=1e-9, abs=0)
+    tracemalloc.start()
+    try:
+        evaluate.evaluate_split(loaded, "val")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * n, f"evaluating {n:,} characters allocated a peak of {peak:,} bytes"
+
+
+def test_split_eval_never_prepares_nor_locks(half_val_run, monkeypatch):
+    """Reading commands never take the data lock: eval reads a prepared split as it is, and refuses a missing or
+    stale one with the command that prepares it, writing nothing."""
+    from minigpt import data, lock
+
+    cfg, corpus = half_val_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("eval prepared the data or took a lock")
+
+    monkeypatch.setattr(data, "prepare", refuse)
+    monkeypatch.setattr(lock.DirectoryLock, "__init__", refuse)
+    monkeypatch.setattr(data.DirectoryLock, "__init__", refuse)
+    loaded = load_model(str(cfg.run_dir()), torch.device("cpu"))
+    assert evaluate.evaluate_split(loaded, "val").characters == loaded.payload["data"]["val_tokens"] - 1
+    monkeypatch.undo()
+
+    prepared = next((cfg.run_dir().parent / "prepared").iterdir())
+    stat = corpus.stat()
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the corpus looks changed: the arrays are stale
+    try:
+        stale = cli("eval", "--checkpoint", str(cfg.run_dir()), "--split", "val")
+    finally:
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert stale.returncode == 3, stale.stderr
+    assert f"minigpt prepare --config {cfg.run_dir() / 'config.yaml'}" in stale.stderr, stale.stderr
+    before = sorted(p.name for p in prepared.iterdir())
+    (prepared / "meta.json").rename(prepared / "meta.json.away")
+    try:
+        missing = cli("eval", "--checkpoint", str(cfg.run_dir()), "--split", "val")
+        after = sorted(p.name for p in prepared.iterdir())
+    finally:
+        (prepared / "meta.json.away").rename(prepared / "meta.json")
+    assert missing.returncode == 3 and missing.stderr.startswith("error: ") and "minigpt prepare --config" in missing.stderr
+    assert after == sorted(n if n != "meta.json" else "meta.json.away" for n in before)  # nothing written, no .lock
 
 
 def test_cli_info(run, loaded):

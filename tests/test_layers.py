@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "minigpt"
 
 LAYERS = [  # bottom first
-    {"errors", "overrides", "config", "tokenizer", "console", "signals"},
+    {"errors", "typed", "overrides", "config", "tokenizer", "console", "signals"},
     {"model", "device", "distributed", "optim", "lock", "viz", "scoring", "fastpath", "decoding"},
     {"data", "checkpoint", "budget", "tracking"},
     {"run"},

@@ -110,3 +110,21 @@ def test_optimizer_groups_decay_matrices_only():
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_every_member_of_the_kv_cache_is_used_by_the_package():
+    """No dead code in the cache a reader studies: each property and method of LayerCache/KVCache is used elsewhere."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from minigpt import model as model_mod
+
+    package = Path(model_mod.__file__).parent
+    for cls in (model_mod.LayerCache, model_mod.KVCache):
+        definition = inspect.getsource(cls)
+        rest = "\n".join(p.read_text() for p in package.glob("*.py")).replace(definition, "")
+        members = [name for name, value in vars(cls).items()
+                   if not name.startswith("_") and (isinstance(value, property) or inspect.isfunction(value))]
+        unused = [name for name in members if not re.search(rf"\.{name}\b", rest)]
+        assert not unused, f"{cls.__name__} members used nowhere in minigpt/: {unused}"

@@ -67,6 +67,19 @@ def test_orthogonalize_keeps_the_singular_vectors_and_brings_singular_values_nea
     assert torch.linalg.norm(orthogonalize(g.T) - out.T) < 1e-4  # tall and wide are the same iteration
 
 
+def test_the_test_extra_asks_for_the_torch_that_has_torch_optim_muon():
+    """The next test compares with torch.optim.Muon, which torch 2.9 introduced: the test extra (pip install -e
+    '.[test]') requires torch>=2.9; the package itself (its own Muon) needs no torch.optim.Muon."""
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    test_extra = re.search(r"^test = \[(.*?)\]$", pyproject, re.MULTILINE).group(1)
+    floor = re.search(r'"torch>=(\d+)\.(\d+)"', test_extra)
+    assert floor and (int(floor.group(1)), int(floor.group(2))) >= (2, 9), test_extra
+    assert hasattr(torch.optim, "Muon")
+
+
 def test_muon_steps_like_torch_muon():
     """Our Muon (bf16 iteration) against torch.optim.Muon with adjust_lr_fn='match_rms_adamw', over three steps."""
     gen = torch.Generator().manual_seed(0)

@@ -14,6 +14,8 @@ from minigpt.generation import sample
 from minigpt.errors import PromptError
 from minigpt.tokenizer import CharTokenizer
 
+from conftest import CONFIGS, tiny_sets
+
 VOCAB = 20
 
 
@@ -314,6 +316,40 @@ def test_example_prompt_is_a_whole_line_from_the_text():
     assert example_prompt("ther.\n\nGREMIO:\nGood morrow, neighbour\n") == "GREMIO:"
     assert example_prompt("and so\nit goes on and on and on and on forever\nx\n") == "it goes on and on and on"
     assert example_prompt("no newline at all") == "no newline at all"
+
+
+def test_the_sample_hint_of_a_binary_corpus_can_be_pasted_into_a_shell(tmp_path):
+    """data.errors=replace on random bytes: the printed `sample:` command holds only printable characters (no NULs,
+    no control bytes, no U+FFFD), and it runs."""
+    import random
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from minigpt.cli import app
+    from minigpt.training import example_prompt
+
+    rng = random.Random(3)
+    binary = "".join(chr(rng.randrange(256)) for _ in range(400)).replace("\n", "")  # no line is readable
+    assert example_prompt(binary).isprintable() and "\ufffd" not in example_prompt(binary)
+    assert example_prompt("\x00\x01\n\ufffd\x7f\n") == ""  # nothing readable at all: no prompt
+    assert example_prompt("\x00\x01\nABC\x02\nGood line\n\x03") == "Good line"
+
+    corpus = tmp_path / "random.bin"
+    corpus.write_bytes(rng.randbytes(20_000))
+    args = ["train", "--config", str(CONFIGS / "tiny.yaml")]
+    for item in tiny_sets(tmp_path, corpus) + ["data.errors=replace", "train.max_iters=2", "train.eval_interval=2",
+                                               "train.warmup_iters=0", "train.eval_iters=1", "train.sample_chars=0"]:
+        args += ["--set", item]
+    runner = CliRunner()
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    hint = next(line for line in done.stderr.splitlines() if "sample:" in line).split("sample:", 1)[1].strip()
+    assert hint.isprintable() and "\ufffd" not in hint, repr(hint)
+    words = shlex.split(hint)
+    assert words[:4] == ["minigpt", "sample", "--checkpoint", str(tmp_path / "run")]
+    sampled = runner.invoke(app, words[1:] + ["-n", "5"])
+    assert sampled.exit_code == 0, sampled.output
 
 
 def test_a_stop_or_a_reader_that_stops_early_restores_the_thread_count():

@@ -43,7 +43,9 @@ def evaluate_and_save(run: Run, out: Outputs | None = None) -> None:
     Into the run's own tracker and directory, or into `out` (the time budget times an evaluation there)."""
     out = out or Outputs(run.tracker, run.run_dir, run.say)
     cfg = run.cfg
-    losses = estimate_loss(run.model, run.tokens, cfg, run.device, run.precision, run.world)  # plain module
+    # the module the steps run (compiled, in DDP): evaluation batches have the training batches' shape, so a
+    # compiled model compiles once more for eval mode, not for new shapes
+    losses = estimate_loss(run.step_model, run.tokens, cfg, run.device, run.precision, run.world)
     if not math.isfinite(losses["val"]):
         raise TrainingError(f"the validation loss became {losses['val']} at step {run.step}; stopped without "
                             f"saving; lower train.learning_rate (now {cfg.train.learning_rate:g}), then --resume")

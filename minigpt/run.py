@@ -74,6 +74,8 @@ class Run:
     history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
     started: float = field(default_factory=time.perf_counter)  # when this process's training began (history's time_s)
     init_from: dict | None = None  # where a fine-tuned run's first weights came from (kept in its checkpoints)
+    prefetched: tuple[torch.Tensor, torch.Tensor] | None = None  # the next training batch, read ahead (prefetch)
+    generator_before_prefetch: torch.Tensor | None = None  # the batch generator's state before that read
     lock: DirectoryLock | None = None  # rank 0's exclusive lock on the run directory, held until close()
 
     @property
@@ -95,8 +97,20 @@ class Run:
         return t.batch_size * t.gradient_accumulation_steps * self.cfg.model.block_size
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next training batch (x, y) of this process."""
+        """The next training batch (x, y) of this process: the one read ahead by `prefetch`, if there is one."""
+        if self.prefetched is not None:
+            batch, self.prefetched = self.prefetched, None
+            return batch
         return rank_batch(self.tokens["train"], self.cfg, self.batch_generator, self.world, self.device)
+
+    def prefetch(self) -> None:
+        """Read the next batch now, while the device still computes the current step (on a GPU the two overlap).
+
+        The batch generator's state from before this read is what checkpoints keep, so a run
+        resumed from one reads this batch again, as the run never stopped does."""
+        if self.prefetched is None:
+            self.generator_before_prefetch = self.batch_generator.get_state()
+            self.prefetched = rank_batch(self.tokens["train"], self.cfg, self.batch_generator, self.world, self.device)
 
     def say(self, message: str) -> None:
         """A line of progress on stderr, from rank 0 only."""
@@ -127,7 +141,8 @@ class Run:
             "best_val_loss": self.best_val_loss,
             "config": config_mod.to_dict(self.cfg),
             "tokenizer": self.tokenizer.to_dict(),
-            "rng": {"batch": self.batch_generator.get_state(), "torch": torch.get_rng_state(),
+            "rng": {"batch": self.batch_generator.get_state() if self.prefetched is None else self.generator_before_prefetch,
+                    "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if cuda else None},
             "data": {"sources": meta["sources"], "sha256": meta["source_sha256"],
                      "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]},
@@ -141,6 +156,7 @@ class Run:
         if self.precision.use_scaler and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         self.batch_generator.set_state(payload["rng"]["batch"])
+        self.prefetched = None
         torch.set_rng_state(payload["rng"]["torch"])
         if self.device.type == "cuda" and payload["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)

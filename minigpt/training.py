@@ -224,6 +224,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
             with run.precision.autocast(x.device):
                 _, loss = run.step_model(x, y)
                 loss = loss / accum
+            run.prefetch()  # the next micro-step's (or step's) batch, read while the device computes this one
             run.scaler.scale(loss).backward()
         step_loss = loss.detach().float() if step_loss is None else step_loss + loss.detach().float()
     run.scaler.unscale_(run.optimizer)

@@ -182,3 +182,70 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, 
     with pytest.raises(TrainingError, match=r"loss became nan at step 13.*last\.pt is untouched.*lower train\.learning_rate"):
         train(cfg20, resume=True, progress=False)
     assert (last.read_bytes(), best.read_bytes()) == before
+
+
+def started_run(tmp_path, corpus, *sets):
+    from minigpt.distributed import World
+    from minigpt.run import start_run
+
+    cfg = tiny_config(tmp_path, corpus, "train.max_iters=20", *FAST, *sets)
+    return start_run(cfg, World(), overwrite=True)
+
+
+def test_the_next_batch_is_read_while_the_step_computes_and_in_the_same_order(tmp_path, corpus):
+    """train_step reads the following batch after the forward pass (before backward); the batches are the ones a
+    fresh generator with the same seed gives, in order, and a checkpoint keeps the state from before the read."""
+    from minigpt.run import rank_batch
+    from minigpt.training import train_step
+
+    run = started_run(tmp_path, corpus, "train.gradient_accumulation_steps=2")
+    try:
+        seen, ahead = [], []
+        real_next = run.next_batch
+
+        def recording_next():
+            batch = real_next()
+            seen.append(batch[0].clone())
+            return batch
+
+        run.next_batch = recording_next
+        handle = run.model.lm_head.weight.register_hook(lambda grad: ahead.append(run.prefetched is not None))
+        state_after_step = None
+        for _ in range(3):
+            train_step(run)
+            state_after_step = run.state()["rng"]["batch"]
+        handle.remove()
+        assert ahead == [True] * 6  # every backward ran with the next batch already read
+        generator = torch.Generator().manual_seed(run.cfg.train.seed)
+        expected = [rank_batch(run.tokens["train"], run.cfg, generator, run.world, run.device)[0] for _ in range(6)]
+        assert all(torch.equal(a, b) for a, b in zip(seen, expected)) and len(seen) == 6
+        assert torch.equal(state_after_step, generator.get_state())  # not the state after the batch read ahead
+    finally:
+        run.close()
+
+
+def test_evaluation_runs_the_module_the_steps_run(tmp_path, corpus):
+    """The losses are estimated with run.step_model (compiled and/or in DDP where it is), not the plain module."""
+    from minigpt.evaluation import Outputs, evaluate_and_save
+    from minigpt.tracking import Tracker
+
+    run = started_run(tmp_path, corpus)
+    calls = {"n": 0}
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            calls["n"] += 1
+            return self.inner(*args, **kwargs)
+
+    run.step_model = Recording(run.model)
+    tracker = Tracker(tmp_path / "scratch", 0, 1, progress=False)
+    try:
+        evaluate_and_save(run, Outputs(tracker, tmp_path / "scratch", say=lambda m: None))
+    finally:
+        tracker.close()
+        run.close()
+    assert calls["n"] == 2 * run.cfg.train.eval_iters  # each split's batches

@@ -208,10 +208,22 @@ def test_world_from_the_environment(monkeypatch):
         distributed.process_device("cuda:1", 0)
 
 
-def test_launch_command_repeats_the_train_command():
-    command = launch.launch_command(2, ["train", "--config", "c.yaml"])
-    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "minigpt", "train", "--config", "c.yaml"]
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_launch_command_runs_minigpt_with_the_same_arguments_in_n_processes(nproc, monkeypatch):
+    """Read the command the way torchrun does (its own parser and launch config): N workers on this one machine,
+    each running this Python's `-m minigpt` with exactly the arguments given."""
+    from torch.distributed import run as torchrun
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # config_from_args would set it in this process otherwise
+    minigpt_args = ["train", "--config", "c.yaml", "--set", "train.max_iters=7"]
+    command = launch.launch_command(nproc, minigpt_args)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    parsed = torchrun.get_args_parser().parse_args(command[3:])
+    config, worker, worker_args = torchrun.config_from_args(parsed)
+    assert parsed.standalone and config.min_nodes == config.max_nodes == 1
+    assert config.nproc_per_node == nproc
+    assert worker == sys.executable
+    assert worker_args[worker_args.index("-m"):] == ["-m", "minigpt", *minigpt_args]
 
 
 def test_time_budget_under_two_processes_is_decided_once(tmp_path, corpus):

@@ -15,10 +15,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from minigpt import checkpoint
+from minigpt import api, checkpoint
 
 from conftest import CONFIGS, ROOT, run_cli, tiny_sets, write_corpus
 
@@ -89,6 +90,28 @@ def test_greedy_long_and_batched_samples(trained):
     assert run_cli("sample", "--checkpoint", str(run), "-p", "", "-n", "100", "-t", "0").stdout == result.stdout
     batch = run_cli("sample", "--checkpoint", str(run), "-p", "All", "-n", "20", "--num-samples", "3", "--top-k", "5")
     assert batch.returncode == 0 and batch.stdout.count("\n-----\n") == 2
+
+
+def test_top_k_restricts_sampling_to_the_k_most_likely_characters(trained):
+    """With --top-k k every character drawn is among the model's k most likely after what came before it, even at a
+    temperature that spreads the distribution; --top-k 1 leaves only the most likely one: greedy's text."""
+    _, run, _ = trained
+    prompt, k = "All", 3
+    sampled = run_cli("sample", "--checkpoint", str(run), "-p", prompt, "-n", "25", "-t", "2", "--top-k", str(k),
+                      "--seed", "5")
+    assert sampled.returncode == 0, sampled.stderr
+    text = sampled.stdout[:-1]  # the final newline is not sampled
+    model = api.load(run, device="cpu")
+    ids = model.tokenizer.encode(text)
+    assert len(ids) <= model.config.model.block_size  # one forward sees every character's whole context
+    with torch.no_grad():
+        logits, _ = model.module(torch.tensor([ids]))  # (1, T, V)
+    allowed = torch.topk(logits[0, :-1], k, dim=-1).indices  # (T - 1, k): the k most likely next ids at each position
+    for position in range(len(prompt), len(ids)):
+        assert ids[position] in allowed[position - 1].tolist(), (text, position)
+    greedy = run_cli("sample", "--checkpoint", str(run), "-p", prompt, "-n", "25", "--temperature", "0")
+    top_1 = run_cli("sample", "--checkpoint", str(run), "-p", prompt, "-n", "25", "-t", "2", "--top-k", "1", "--seed", "5")
+    assert top_1.returncode == 0 and top_1.stdout == greedy.stdout
 
 
 def readme_commands() -> dict[str, set[str]]:

@@ -273,7 +273,7 @@ def with_distinct_heads(run: Path, path: Path) -> Path:
     C, nh = payload["config"]["model"]["n_embd"], payload["config"]["model"]["n_head"]
     hs = C // nh
     for name, tensor in payload["model"].items():
-        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):  # rows: Q, K, V, each by head
+        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):  # rows: Q, K, V, each by head
             tensor[0:hs] = 0.0
             tensor[hs:2 * hs] *= 30.0
     checkpoint.save(path, payload)

@@ -20,8 +20,9 @@ import torch
 from torch.nn import functional as F
 
 from conftest import CONFIGS, run_cli, tiny_config, tiny_sets, write_corpus
-from minigpt import checkpoint, inspection as evaluate, scoring, training, viz
+from minigpt import checkpoint, inspection as evaluate, scoring, viz
 from minigpt.errors import PromptError
+from minigpt.evaluation import PROBE_CHARS
 from minigpt.checkpoint import load_model
 from minigpt.training import train
 
@@ -217,7 +218,7 @@ def test_tensorboard_holds_attention_images(run):
     images = events(run).Images("attention/probe")
     assert [e.step for e in images] == [6, 12] and images[0].width > 300 and images[0].height > 300
     final = load_model(str(run / checkpoint.LAST), torch.device("cpu"))
-    probe = evaluate.split_ids(final, "val")[:min(final.config.model.block_size, training.PROBE_CHARS)].tolist()
+    probe = evaluate.split_ids(final, "val")[:min(final.config.model.block_size, PROBE_CHARS)].tolist()
     maps = evaluate.attention_of(final.model, probe)
     figure = viz.attention_figure(list(final.tokenizer.decode(probe)), maps, title="attention at step 12",
                                   label_all=False)

@@ -87,6 +87,18 @@ def train_flops_per_token(model: GPT) -> float:
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
 
+def derived_figures(measured: dict) -> dict:
+    """The speed-ups and MFUs of a report, from its measured tokens/s, FLOPs per token and matmul peaks."""
+    flops = measured["train_flops_per_token"]
+    default_tps, eager_tps = measured["train_tokens_per_s"], measured["train_tokens_per_s_eager_fp32"]
+    return {
+        "speedup_vs_eager": default_tps / eager_tps,
+        "mfu": flops * default_tps / (measured["matmul_peak_gflops_default_dtype"] * 1e9),
+        "mfu_eager_fp32": flops * eager_tps / (measured["matmul_peak_gflops"] * 1e9),
+        "cache_speedup": measured["sample_tokens_per_s_cached"] / measured["sample_tokens_per_s_uncached"],
+    }
+
+
 # ----------------------------------------------------------------------------- training
 
 @dataclass
@@ -229,8 +241,6 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
             "params": default_run.model.num_params(), "train_flops_per_token": flops,
             "matmul_peak_gflops": peak, "matmul_peak_gflops_default_dtype": peak_default,
             "train_tokens_per_s": default_tps, "train_tokens_per_s_eager_fp32": eager_tps,
-            "speedup_vs_eager": default_tps / eager_tps,
-            "mfu": flops * default_tps / (peak_default * 1e9), "mfu_eager_fp32": flops * eager_tps / (peak * 1e9),
             "compile_s": compile_s, "train_peak_rss_mb": train_rss,
         })
 
@@ -246,8 +256,8 @@ def run(cfg: Config, prepare_mb: float = 64, warmup_steps: int = 10, rounds: int
         batch = SAMPLE_BATCH * SAMPLE_TOKENS / min(sample_seconds(model, batch_prompt, SAMPLE_TOKENS, True, seed=r)
                                                    for r in range(2))
         report.update({"sample_tokens_per_s_cached": cached, "sample_tokens_per_s_uncached": uncached,
-                       "cache_speedup": cached / uncached, "sample_batch_size": SAMPLE_BATCH,
-                       "sample_tokens_per_s_batch": batch})
+                       "sample_batch_size": SAMPLE_BATCH, "sample_tokens_per_s_batch": batch})
+        report.update(derived_figures(report))
         del default, default_run, eager, model
 
         say(f"measuring prepare on a generated {prepare_mb:g} MB corpus (in a child process)")

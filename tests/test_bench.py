@@ -58,6 +58,30 @@ def test_train_flops_per_token_is_the_palm_formula():
     assert bench.train_flops_per_token(model) == 6 * model.num_params() + 12 * 2 * 16 * 8
 
 
+def test_derived_figures_by_hand():
+    """Speed-ups and MFU from given measurements, worked out by hand."""
+    measured = {"train_flops_per_token": 1e6,
+                "train_tokens_per_s": 2048.0, "train_tokens_per_s_eager_fp32": 512.0,
+                "matmul_peak_gflops": 4.0, "matmul_peak_gflops_default_dtype": 8.0,  # fp32, and e.g. bf16
+                "sample_tokens_per_s_cached": 900.0, "sample_tokens_per_s_uncached": 150.0}
+    assert bench.derived_figures(measured) == pytest.approx({
+        "speedup_vs_eager": 4.0,  # 2048 / 512
+        "mfu": 0.256,  # 1e6 FLOPs/token * 2048 tokens/s = 2.048 GFLOP/s of the 8 GFLOP/s (default dtype) peak
+        "mfu_eager_fp32": 0.128,  # 1e6 * 512 = 0.512 GFLOP/s of the 4 GFLOP/s fp32 peak
+        "cache_speedup": 6.0,  # 900 / 150
+    })
+
+
+def test_sampling_speeds_are_the_best_rounds_by_hand(monkeypatch):
+    """compare_sampling keeps each path's fastest round and turns it into new tokens/s over the whole batch."""
+    seconds = {True: [0.5, 0.4, 0.45], False: [3.0, 2.0, 2.5]}  # the rounds of the cached and uncached paths
+    monkeypatch.setattr(bench, "sample_seconds",
+                        lambda model, prompt, new_tokens, use_cache, seed=0: seconds[use_cache][seed])
+    prompt = torch.zeros(2, 1, dtype=torch.long)  # a batch of 2 prompts
+    cached, uncached = bench.compare_sampling(None, prompt, new_tokens=100, rounds=3)
+    assert (cached, uncached) == pytest.approx((2 * 100 / 0.4, 2 * 100 / 2.0))  # 500 and 100 tokens/s
+
+
 def test_generated_corpus_is_valid_utf8_of_the_requested_size(tmp_path):
     path = bench.write_corpus(tmp_path / "c.txt", 100_003)
     text = path.read_bytes().decode("utf-8")
@@ -95,17 +119,14 @@ def test_full_benchmark_report_is_consistent(tmp_path):
     assert report["device"] == "cpu" and report["dtype"] == auto.name and report["compile"] is False
     assert report["optimizer"] == cfg.train.optimizer and "optimizer" in bench.format_table(report)
     assert report["fused_attention"] is device_mod.resolve_fused_attention("auto", torch.device("cpu"), auto)
-    assert report["speedup_vs_eager"] == report["train_tokens_per_s"] / report["train_tokens_per_s_eager_fp32"]
-    peak, peak_default = report["matmul_peak_gflops"] * 1e9, report["matmul_peak_gflops_default_dtype"] * 1e9
-    assert (peak == peak_default) == (auto.dtype == torch.float32)  # MFU of bf16 training is against the bf16 peak
-    assert report["mfu"] == report["train_flops_per_token"] * report["train_tokens_per_s"] / peak_default
-    assert report["mfu_eager_fp32"] == report["train_flops_per_token"] * report["train_tokens_per_s_eager_fp32"] / peak
-    assert report["cache_speedup"] == report["sample_tokens_per_s_cached"] / report["sample_tokens_per_s_uncached"]
-    # Speed relations that hold by a wide margin (README: 2.9x, 7.7x, 4.7x for this config), best of alternating rounds:
-    assert report["cache_speedup"] > 1.2  # the KV cache does one position's work per character, not a window's
-    assert report["sample_tokens_per_s_batch"] > report["sample_tokens_per_s_cached"]  # 8 sequences per step
-    assert report["eval_tokens_per_s"] > report["train_tokens_per_s"]  # forward only against forward + backward
-    assert 0 < report["mfu"] < 1 and report["prepare_mb"] == 1.0
+    # MFU of bf16 training is against the bf16 peak, measured separately; fp32 reuses the fp32 peak.
+    assert (report["matmul_peak_gflops"] == report["matmul_peak_gflops_default_dtype"]) == (auto.dtype == torch.float32)
+    # The speed-ups and MFUs are the report's own measurements put through derived_figures (tested by hand below);
+    # how fast anything ran is not checked: on a shared machine any setting may be the slower one.
+    assert {key: report[key] for key in bench.derived_figures(report)} == bench.derived_figures(report)
+    speeds = ("train_tokens_per_s", "train_tokens_per_s_eager_fp32", "eval_tokens_per_s", "sample_tokens_per_s_cached",
+              "sample_tokens_per_s_uncached", "sample_tokens_per_s_batch", "prepare_mb_per_s")
+    assert all(report[key] > 0 for key in speeds) and report["prepare_mb"] == 1.0
     assert report["prepare_peak_rss_mb"] >= report["prepare_start_rss_mb"] > 0
     assert json.loads(bench.to_json(report))["threads"] == report["threads"]
 

@@ -4,18 +4,22 @@ import json
 import os
 import re
 import shlex
+import shutil
+import site
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from minigpt import checkpoint
+from minigpt import api, checkpoint
 
 from conftest import CONFIGS, ROOT, run_cli, tiny_sets, write_corpus
 
@@ -86,6 +90,28 @@ def test_greedy_long_and_batched_samples(trained):
     assert run_cli("sample", "--checkpoint", str(run), "-p", "", "-n", "100", "-t", "0").stdout == result.stdout
     batch = run_cli("sample", "--checkpoint", str(run), "-p", "All", "-n", "20", "--num-samples", "3", "--top-k", "5")
     assert batch.returncode == 0 and batch.stdout.count("\n-----\n") == 2
+
+
+def test_top_k_restricts_sampling_to_the_k_most_likely_characters(trained):
+    """With --top-k k every character drawn is among the model's k most likely after what came before it, even at a
+    temperature that spreads the distribution; --top-k 1 leaves only the most likely one: greedy's text."""
+    _, run, _ = trained
+    prompt, k = "All", 3
+    sampled = run_cli("sample", "--checkpoint", str(run), "-p", prompt, "-n", "25", "-t", "2", "--top-k", str(k),
+                      "--seed", "5")
+    assert sampled.returncode == 0, sampled.stderr
+    text = sampled.stdout[:-1]  # the final newline is not sampled
+    model = api.load(run, device="cpu")
+    ids = model.tokenizer.encode(text)
+    assert len(ids) <= model.config.model.block_size  # one forward sees every character's whole context
+    with torch.no_grad():
+        logits, _ = model.module(torch.tensor([ids]))  # (1, T, V)
+    allowed = torch.topk(logits[0, :-1], k, dim=-1).indices  # (T - 1, k): the k most likely next ids at each position
+    for position in range(len(prompt), len(ids)):
+        assert ids[position] in allowed[position - 1].tolist(), (text, position)
+    greedy = run_cli("sample", "--checkpoint", str(run), "-p", prompt, "-n", "25", "--temperature", "0")
+    top_1 = run_cli("sample", "--checkpoint", str(run), "-p", prompt, "-n", "25", "-t", "2", "--top-k", "1", "--seed", "5")
+    assert top_1.returncode == 0 and top_1.stdout == greedy.stdout
 
 
 def readme_commands() -> dict[str, set[str]]:
@@ -186,19 +212,55 @@ def test_closed_stdout_is_a_normal_end(trained):
 
 
 def test_demo_installs_the_plot_extra(tmp_path):
-    """scripts/demo.sh installs what its TensorBoard shows: the `plot` extra (matplotlib) for attention images."""
+    """scripts/demo.sh installs what its TensorBoard shows: the `plot` extra (matplotlib) for attention images.
+
+    Real pip runs demo.sh's install step, offline: the environment it installs into (a fresh venv) already
+    has everything this one has except matplotlib and minigpt, and the only "index" is a local folder with a
+    stand-in matplotlib wheel. So matplotlib is importable afterwards only if the install asked for the extra.
+    """
+    project = tmp_path / "project"  # a copy, so that the editable install writes nothing into the repository
+    for name in ("scripts", "minigpt"):
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
+    installed = tmp_path / "installed"  # this environment's packages, less matplotlib and minigpt
+    installed.mkdir()
+    for site_dir in site.getsitepackages():
+        for entry in Path(site_dir).iterdir():
+            skip = (entry.name == "matplotlib" or entry.name.startswith(("matplotlib-", "minigpt"))
+                    or "__editable__" in entry.name or entry.suffix == ".pth")
+            if not skip and not (installed / entry.name).exists():
+                (installed / entry.name).symlink_to(entry)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    next((venv / "lib").glob("python*/site-packages")).joinpath("installed.pth").write_text(f"{installed}\n")
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / "matplotlib-3.7.0-py3-none-any.whl", "w") as wheel:
+        info = "matplotlib-3.7.0.dist-info/"
+        files = {"matplotlib/__init__.py": "",
+                 info + "METADATA": "Metadata-Version: 2.1\nName: matplotlib\nVersion: 3.7.0\n",
+                 info + "WHEEL": "Wheel-Version: 1.0\nGenerator: minigpt-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+        files[info + "RECORD"] = "".join(f"{name},,\n" for name in [*files, info + "RECORD"])
+        for name, text in files.items():
+            wheel.writestr(name, text)
     calls = tmp_path / "calls.txt"
-    for tool in ("python", "minigpt"):  # stand-ins that record their arguments
-        stub = tmp_path / tool
-        stub.write_text(f'#!/usr/bin/env bash\necho "{tool} $*" >> {shlex.quote(str(calls))}\n')
-        stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path)}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), str(tmp_path / "none.yaml")],
-                            env=env, capture_output=True, text=True, timeout=60)
+    stubs = tmp_path / "stubs"  # `minigpt` records its arguments instead of training
+    stubs.mkdir()
+    (stubs / "minigpt").write_text(f'#!/usr/bin/env bash\necho "minigpt $*" >> {shlex.quote(str(calls))}\n')
+    (stubs / "minigpt").chmod(0o755)
+    env = {**os.environ, "VIRTUAL_ENV": str(venv), "PATH": f"{stubs}:{venv / 'bin'}:{os.environ['PATH']}",
+           "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index), "PIP_CONFIG_FILE": os.devnull,
+           "PIP_NO_BUILD_ISOLATION": "0"}  # (pip reads this variable inverted: 0 turns isolation off)
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["bash", str(project / "scripts" / "demo.sh"), str(tmp_path / "none.yaml")],
+                            env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    pip = [line for line in calls.read_text().splitlines() if line.startswith("python -m pip install")]
-    assert len(pip) == 1 and pip[0].endswith('-e .[plot]'), pip
-    assert any(line.startswith("minigpt train --config") for line in calls.read_text().splitlines())
+    imported = subprocess.run([str(venv / "bin" / "python"), "-c", "import matplotlib, minigpt; print(matplotlib.__file__)"],
+                              env=env, capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith(str(venv))  # the stand-in, installed into the environment demo.sh used
+    assert calls.read_text().startswith(f"minigpt train --config {tmp_path / 'none.yaml'}")
 
 
 def test_config_show_prints_resolved_yaml(tmp_path):

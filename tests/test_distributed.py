@@ -208,10 +208,35 @@ def test_world_from_the_environment(monkeypatch):
         distributed.process_device("cuda:1", 0)
 
 
-def test_launch_command_repeats_the_train_command():
-    command = launch.launch_command(2, ["train", "--config", "c.yaml"])
-    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "minigpt", "train", "--config", "c.yaml"]
+@pytest.mark.parametrize("nproc, debug", [(2, False), (3, True)])
+def test_launch_command_runs_minigpt_with_the_same_arguments_in_n_processes(nproc, debug, monkeypatch):
+    """Read the command the way torchrun does (its own parser and launch config): N workers on this one machine,
+    each running this Python's `-m minigpt` with exactly the arguments given. Without --debug the runner is
+    minigpt.launch, which hands its arguments to torchrun's own run(); here run() only records what it got."""
+    import logging
+
+    from torch.distributed import run as torchrun
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # config_from_args would set it in this process otherwise
+    minigpt_args = ["--debug"] * debug + ["train", "--config", "c.yaml", "--set", "train.max_iters=7"]
+    command = launch.launch_command(nproc, minigpt_args)
+    assert command[:2] == [sys.executable, "-m"]
+    runner, torchrun_args = command[2], command[3:]
+    if runner == "minigpt.launch":
+        given = []
+        monkeypatch.setattr(torchrun, "run", given.append)
+        torch_logger = logging.getLogger("torch.distributed")
+        monkeypatch.setattr(torch_logger, "level", torch_logger.level)  # quiet_torchrun silences it
+        assert launch.quiet_torchrun(torchrun_args) == 0
+        (parsed,) = given
+    else:
+        assert runner == "torch.distributed.run" and debug  # torchrun as it is, its reports included
+        parsed = torchrun.get_args_parser().parse_args(torchrun_args)
+    config, worker, worker_args = torchrun.config_from_args(parsed)
+    assert parsed.standalone and config.min_nodes == config.max_nodes == 1
+    assert config.nproc_per_node == nproc
+    assert worker == sys.executable
+    assert worker_args[worker_args.index("-m"):] == ["-m", "minigpt", *minigpt_args]
 
 
 def test_time_budget_under_two_processes_is_decided_once(tmp_path, corpus):

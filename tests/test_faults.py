@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +19,12 @@ from conftest import CONFIGS, tiny_sets, write_corpus
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def start(tmp_path, corpus, *sets, resume=False):
+def start(tmp_path, corpus, *sets, resume=False, stderr=subprocess.PIPE):
     args = [sys.executable, "-m", "minigpt", "train", "--config", str(CONFIGS / "tiny.yaml")]
     for s in tiny_sets(tmp_path, corpus) + ["train.warmup_iters=2", "train.sample_chars=0"] + list(sets):
         args += ["--set", s]
     args += ["--resume"] if resume else []
-    return subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def wait_for(path, timeout=120):
@@ -56,21 +57,74 @@ def test_signal_saves_checkpoint_and_resume_finishes(tmp_path, sig, code, name):
     assert checkpoint.load(tmp_path / "run", prefer=checkpoint.LAST)["step"] == step + 5
 
 
+def blocked_writing(pid: int) -> bool:
+    """Whether the process's main thread sleeps in a write to a full pipe with no SIGINT pending (Linux /proc).
+
+    Read after a SIGINT was sent, it also means that the signal's Python handler has run: the signal woke the
+    write (EINTR), and Python runs the handlers before it retries the write and sleeps again.
+    """
+    task = Path(f"/proc/{pid}/task/{pid}")
+    try:
+        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        waiting_in = (task / "wchan").read_text()
+        pending = [int(line.split()[1], 16) for line in (task / "status").read_text().splitlines()
+                   if line.startswith(("SigPnd:", "ShdPnd:"))]
+    except FileNotFoundError:
+        return False  # the process has ended
+    return state == "S" and "pipe_write" in waiting_in and not any(p & (1 << (signal.SIGINT - 1)) for p in pending)
+
+
+def wait_until(condition, what: str, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"{what} never happened"
+        time.sleep(0.01)
+
+
+def fill(pipe_end: int) -> None:
+    """Write NUL bytes to a pipe until it is full, so that the next write to it waits for a reader."""
+    # Through a non-blocking file of its own: made non-blocking itself, the child's copy would be too.
+    filler = os.open(f"/proc/self/fd/{pipe_end}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        for chunk in (b"\0" * 4096, b"\0"):  # big writes first, then the last bytes one by one
+            try:
+                while True:
+                    os.write(filler, chunk)
+            except BlockingIOError:
+                pass
+    finally:
+        os.close(filler)
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="reads where a process waits from Linux's /proc")
 def test_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    """The second Ctrl-C lands while the run is stuck inside a step: its stderr is a pipe that the test fills, so
+    the step's evaluation line cannot be written until the test reads. Without the abort it would wait there, then
+    finish the step, save and report "stopped by SIGINT"; with it, it aborts and saves nothing more."""
     corpus = write_corpus(tmp_path / "c.txt")
-    # Big batches make each step slow, so the second Ctrl-C lands inside a step.
-    proc = start(tmp_path, corpus, "train.max_iters=100000", "train.eval_interval=1", "train.batch_size=512",
-                 "train.eval_iters=1", "model.n_embd=512", "model.n_layer=2")
+    read_end, write_end = os.pipe()
+    proc = start(tmp_path, corpus, "train.max_iters=100000", "train.eval_interval=2", "train.eval_iters=1",
+                 stderr=write_end)  # the test keeps write_end too
     last = tmp_path / "run" / "last.pt"
-    wait_for(last)
-    before = checkpoint.load(last)["step"]
-    proc.send_signal(signal.SIGINT)
-    time.sleep(1.0)  # signals that arrive during one long operation coalesce into one
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
-    assert "aborted (second interrupt)" in err and "Traceback" not in err
-    assert checkpoint.load(last)["step"] in (before, before + 1)  # loadable: never torn
+    try:
+        wait_for(last)
+        fill(write_end)
+        wait_until(lambda: blocked_writing(proc.pid), "the run waiting to write to its full stderr")
+        before = checkpoint.load(last)["step"]
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: blocked_writing(proc.pid), "the first SIGINT's handler running")
+        proc.send_signal(signal.SIGINT)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        os.close(write_end)  # the run's own copy stays open until it ends
+    with os.fdopen(read_end, "rb") as stderr:
+        err = stderr.read().replace(b"\0", b"").decode()  # until the run has ended; without the test's filling
+    proc.wait(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "aborted (second interrupt)" in err and "stopped by" not in err and "Traceback" not in err, err[-2000:]
+    assert checkpoint.load(last)["step"] == before  # nothing saved after the abort, and what was saved loads
 
 
 def test_ctrl_c_after_the_stop_is_ignored_without_a_traceback(tmp_path):

@@ -6,9 +6,11 @@ matplotlib only the tests that draw pictures are skipped.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import torch
 from torch.nn import functional as F
 
 from conftest import CONFIGS, run_cli, tiny_config, tiny_sets, write_corpus
-from minigpt import inspection as evaluate, scoring, viz
+from minigpt import checkpoint, inspection as evaluate, scoring, viz
 from minigpt.errors import PromptError
+from minigpt.evaluation import PROBE_CHARS
 from minigpt.checkpoint import load_model
 from minigpt.training import train
 
@@ -58,6 +61,43 @@ def png_shape(path: Path) -> tuple[int, ...]:
 
     assert path.is_file() and path.stat().st_size > 5_000, f"{path} missing or nearly empty"
     return image.imread(path).shape
+
+
+COLOUR_TOLERANCE = 0.01  # of an RGB channel (0 to 1): 8-bit PNG rounding (seen: 0.004) and a colour map's 256 levels
+
+
+def read_png(source: Path | bytes) -> np.ndarray:
+    """A PNG file or PNG bytes as an RGB array (H, W, 3) of floats from 0 to 1."""
+    from matplotlib import image
+
+    return image.imread(io.BytesIO(source) if isinstance(source, bytes) else source, format="png")[:, :, :3]
+
+
+def cell_colours(figure, picture: np.ndarray, at: tuple[float, float] = (0.0, 0.0)) -> dict[str, np.ndarray]:
+    """Each image panel's cell colours (rows, cols, 3) as read from `picture`, keyed by the panel's title.
+
+    `picture` is `figure` as it was saved or logged; the figure's own layout, at its dpi, says where each
+    cell lies. `at` moves the point read from each cell's centre (in cells, x then y), away from text on it.
+    """
+    viz.figure_to_array(figure)  # lays the figure out
+    height = picture.shape[0]
+    assert picture.shape[:2] == (round(figure.bbox.height), round(figure.bbox.width))
+    colours = {}
+    for ax in figure.axes:
+        if not ax.get_images():
+            continue  # the colour bar
+        rows, cols = ax.get_images()[0].get_array().shape
+        points = ax.transData.transform([(c + at[0], r + at[1]) for r in range(rows) for c in range(cols)])
+        y, x = (height - points[:, 1]).astype(int), points[:, 0].astype(int)  # display y runs upwards
+        colours[ax.get_title()] = picture[y, x].reshape(rows, cols, 3)
+    return colours
+
+
+def viridis(weights: np.ndarray) -> np.ndarray:
+    """The colours attention_figure gives attention weights (viridis, 0 to 1)."""
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](weights)[..., :3]
 
 
 # ----------------------------------------------------------------------------- library
@@ -122,11 +162,22 @@ def test_exact_eval_equals_brute_force(loaded):
 
 
 @pictures
-def test_surprise_picture(loaded, tmp_path):
-    result = evaluate.surprise(loaded, TEXT)
-    out = viz.save_figure(viz.surprise_figure(result.chars, result.bits), tmp_path / "s.png")
+def test_cli_surprise_picture_colours_each_character_by_its_bits(run, loaded, tmp_path):
+    """`surprise --out FILE.png`: each scored character's cell is as red as inspection.surprise's bits for it."""
+    out = tmp_path / "s.png"
+    done = cli("surprise", "--checkpoint", str(run), "--text", TEXT * 2, "--out", str(out))
+    assert done.returncode == 0, done.stderr
     height, width, _ = png_shape(out)
     assert width > 300 and height > 100
+    expected = evaluate.surprise(loaded, TEXT * 2)
+    figure = viz.surprise_figure(expected.chars, expected.bits)
+    # Read beside each cell's character, not on it (cells are wide enough: 64 to a row).
+    (colours,) = cell_colours(figure, read_png(out), at=(-0.38, 0.0)).values()
+    from matplotlib import colormaps
+
+    reds = colormaps["Reds"](np.minimum(np.array(expected.bits) / viz.MAX_BITS, 1.0))[:, :3]
+    scored = colours.reshape(-1, 3)[1:1 + len(expected.bits)]  # the first character is context only
+    np.testing.assert_allclose(scored, reds, atol=COLOUR_TOLERANCE)
 
 
 @pictures
@@ -163,8 +214,42 @@ def events(run: Path):
 
 @pictures
 def test_tensorboard_holds_attention_images(run):
+    """One image per evaluation; the last shows the final model's attention on the probe text, head by head."""
     images = events(run).Images("attention/probe")
     assert [e.step for e in images] == [6, 12] and images[0].width > 300 and images[0].height > 300
+    final = load_model(str(run / checkpoint.LAST), torch.device("cpu"))
+    probe = evaluate.split_ids(final, "val")[:min(final.config.model.block_size, PROBE_CHARS)].tolist()
+    maps = evaluate.attention_of(final.model, probe)
+    figure = viz.attention_figure(list(final.tokenizer.decode(probe)), maps, title="attention at step 12",
+                                  label_all=False)
+    colours = cell_colours(figure, read_png(images[-1].encoded_image_string))
+    assert set(colours) == {f"layer {l}, head {h}" for l, h in maps}
+    for (l, h), weights in maps.items():
+        np.testing.assert_allclose(colours[f"layer {l}, head {h}"], viridis(weights), atol=COLOUR_TOLERANCE)
+
+
+@pictures
+def test_tensorboard_attention_image_shows_each_heads_own_weights(tmp_path):
+    """The logged image, read back with TensorBoard's reader: each panel has its own head's colours."""
+    from minigpt.tracking import Tracker
+
+    T = 12
+    previous = np.eye(T, k=-1)
+    previous[0, 0] = 1.0
+    maps = {(0, 0): np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None],  # every character so far alike
+            (0, 1): np.eye(T),  # itself
+            (1, 0): previous,  # the character before
+            (1, 1): np.eye(T)[[0] * T]}  # the first character
+    tracker = Tracker(tmp_path, start_step=0, total_steps=1, progress=False)
+    tracker.attention(1, "attention/probe", list("Speak, speak"), maps)
+    tracker.close()
+    (logged,) = events(tmp_path).Images("attention/probe")
+    figure = viz.attention_figure(list("Speak, speak"), maps, title="attention at step 1", label_all=False)
+    colours = cell_colours(figure, read_png(logged.encoded_image_string))
+    for (l, h), weights in maps.items():
+        np.testing.assert_allclose(colours[f"layer {l}, head {h}"], viridis(weights), atol=COLOUR_TOLERANCE)
+    panels = list(colours.values())
+    assert all(np.abs(a - b).max() > 0.5 for i, a in enumerate(panels) for b in panels[i + 1:])  # four pictures
 
 
 def test_tensorboard_holds_text_hparams_and_histograms(run):
@@ -182,28 +267,60 @@ def test_tensorboard_holds_text_hparams_and_histograms(run):
 
 # ----------------------------------------------------------------------------- the CLI
 
+def with_distinct_heads(run: Path, path: Path) -> Path:
+    """The run's checkpoint with head 0 of every layer attending evenly (its queries zeroed) and head 1 sharply
+    (its queries scaled up), so that their pictures must differ; written to `path`."""
+    payload = checkpoint.load(run)
+    C, nh = payload["config"]["model"]["n_embd"], payload["config"]["model"]["n_head"]
+    hs = C // nh
+    for name, tensor in payload["model"].items():
+        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):  # rows: Q, K, V, each by head
+            tensor[0:hs] = 0.0
+            tensor[hs:2 * hs] *= 30.0
+    checkpoint.save(path, payload)
+    return path
+
+
 @pictures
 def test_cli_attention(run, tmp_path):
+    """The picture shows each head's own weights: its cells have the colours of inspection.attention's maps."""
+    distinct = with_distinct_heads(run, tmp_path / "heads.pt")
     out = tmp_path / "att.png"
-    done = cli("attention", "--checkpoint", str(run), "--prompt", TEXT, "--layer", "1", "--out", str(out))
+    done = cli("attention", "--checkpoint", str(distinct), "--prompt", TEXT, "--layer", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "last 32 characters" in done.stderr
     height, width, _ = png_shape(out)
     assert height > 200 and width > 200
+    model = load_model(str(distinct), torch.device("cpu"))
+    expected = evaluate.attention(model, TEXT, layer=1)
+    even = np.tril(np.ones((32, 32))) / np.arange(1, 33)[:, None]
+    np.testing.assert_allclose(expected.maps[(1, 0)], even, atol=1e-6)  # the premise: head 0 attends evenly
+    assert np.abs(expected.maps[(1, 1)] - even).max() > 0.3  # and head 1 does not
+    figure = viz.attention_figure(expected.chars, expected.maps, title=f"attention of {distinct}")
+    colours = cell_colours(figure, read_png(out))
+    assert set(colours) == {"layer 1, head 0", "layer 1, head 1"}
+    for (l, h), weights in expected.maps.items():
+        np.testing.assert_allclose(colours[f"layer {l}, head {h}"], viridis(weights), atol=COLOUR_TOLERANCE)
+    assert np.abs(colours["layer 1, head 0"] - colours["layer 1, head 1"]).max() > 0.3
     bad = cli("attention", "--checkpoint", str(run), "--prompt", "Speak", "--head", "7", "--out", str(out))
     assert bad.returncode == PromptError.exit_code
     assert bad.stderr.strip().startswith("error: --head 7 is out of range") and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_cli_surprise_and_eval_agree(run, tmp_path):
+def test_cli_surprise_and_eval_agree(run, loaded, tmp_path):
+    """The printed mean and the HTML page's bits are inspection.surprise's, and the mean is eval's bits/char."""
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT * 2, encoding="utf-8")
     html_out = tmp_path / "s.html"
     done = cli("surprise", "--checkpoint", str(run), "--file", str(text_file), "--out", str(html_out))
     assert done.returncode == 0, done.stderr
     mean_bits = float(done.stdout.split()[0])
-    assert html_out.read_text(encoding="utf-8").count("bits\">") == len(TEXT) * 2 - 1
+    expected = evaluate.surprise(loaded, TEXT * 2)
+    assert len(expected.bits) == len(TEXT) * 2 - 1
+    assert mean_bits == pytest.approx(sum(expected.bits) / len(expected.bits), abs=1e-4)  # printed to 4 decimals
+    shown = [float(b) for b in re.findall(r'title="[^"]*: (\d+\.\d\d) bits"', html_out.read_text(encoding="utf-8"))]
+    assert shown == pytest.approx(expected.bits, abs=0.005)  # each character's bits, in order, to 2 decimals
     evaluated = cli("eval", "--checkpoint", str(run), "--file", str(text_file), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)

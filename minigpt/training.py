@@ -33,7 +33,7 @@ from minigpt import budget, checkpoint, config as config_mod
 from minigpt.config import Config
 from minigpt.console import duration
 from minigpt.distributed import current_world
-from minigpt.errors import ConfigError, Interrupted, TrainingError
+from minigpt.errors import ConfigError, Interrupted, MiniGPTError, TrainingError
 from minigpt.evaluation import Outputs, evaluate_and_save, log_hparams
 from minigpt.optim import get_lr, set_lr
 from minigpt.run import Run, start_run, write_run_dir
@@ -82,8 +82,11 @@ def train(cfg: Config, resume: str | bool = False, overwrite: bool = False, prog
                 f"  tensorboard: tensorboard --logdir {run.run_dir}")
         finished = True
         return TrainResult(run_dir=run.run_dir, step=run.step, best_val_loss=run.best_val_loss, history=run.history)
+    except MiniGPTError as exc:
+        finished = exc.agreed or isinstance(exc, (Interrupted, TrainingError))  # every process stops with it
+        raise
     finally:
-        world.shutdown(wait_for_all=finished)
+        world.shutdown(wait_for_all=finished)  # a process leaving while a peer still talks to it makes the peer abort
 
 
 def fit_budget(run: Run, signals: StopSignals) -> budget.Costs:
@@ -122,7 +125,7 @@ def fit_budget(run: Run, signals: StopSignals) -> budget.Costs:
         try:
             steps = budget.first_plan(budget_s, costs, run.cfg.train.eval_interval)
         except ConfigError as exc:
-            refusal = exc
+            refusal, exc.agreed = exc, True
     steps = run.world.share(steps)
     if steps < 1:  # every process stops, rank 0 with the reason (the others' error is not printed)
         raise refusal or ConfigError("the time budget is too short (process 0 says why)", agreed=True)

@@ -70,9 +70,11 @@ def train(config: ConfigLike, overrides: Overrides | None = None, data: str | Pa
 def load(path: str | Path, device: str = "auto") -> Model:
     """A trained model from a checkpoint file or a run directory (its best.pt), in eval mode on `device`."""
     from minigpt.checkpoint import load_model
-    from minigpt.device import resolve_device
+    from minigpt.device import resolve_device, set_threads
 
-    return Model(load_model(str(path), resolve_device(device)))
+    model = Model(load_model(str(path), resolve_device(device)))
+    set_threads(0)  # on a CPU, sampling and scoring use the cores other processes leave free
+    return model
 
 
 def check_unknown(unknown: str) -> None:

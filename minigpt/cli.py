@@ -338,8 +338,8 @@ def bench(
 
     if prepare_mb <= 0:
         raise ConfigError(f"--prepare-mb must be positive, got {prepare_mb}")
-    if steps < 40:
-        raise ConfigError(f"--steps must be at least 40 (speeds are logged every 20 steps), got {steps}")
+    if steps < 20:
+        raise ConfigError(f"--steps must be at least 20 (speeds are logged every 10 steps), got {steps}")
     cfg = _load_config(config, set_, device)
     say = lambda message: typer.echo(message, err=True)  # noqa: E731
     if shared:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -196,6 +197,9 @@ def busy_elsewhere() -> int | None:
     return max(0, runnable - mine)
 
 
+TORCH_THREADS = torch.get_num_threads()  # before any policy changed it
+
+
 def choose_threads(most: int, cores: int, busy: float) -> int:
     """Threads for torch when other processes keep `busy` cores busy on average: the cores they leave free,
     at least one and at most `most` (one per physical core, or what OMP_NUM_THREADS says)."""
@@ -214,13 +218,18 @@ class ThreadPolicy:
     def __init__(self, threads: int = 0, most: int | None = None, cores: int | None = None,
                  sample: Callable[[], int | None] | None = None):
         self.fixed = threads
-        self.most = most or torch.get_num_threads()  # torch's default before any change: its own per-core count
+        # torch's own count (one per physical core, or OMP_NUM_THREADS), or more if the caller set more
+        self.most = most or max(TORCH_THREADS, torch.get_num_threads())
         self.cores = cores or usable_cores()
         self.sample = sample  # None: busy_elsewhere
         self.samples: list[int] = []
+        self.last_sample = -math.inf
 
-    def observe(self) -> None:
-        if not self.fixed:
+    def observe(self, every_s: float = 0.0) -> None:
+        """Take a sample of the load, unless one was taken less than `every_s` seconds ago."""
+        now = time.monotonic()
+        if not self.fixed and now - self.last_sample >= every_s:
+            self.last_sample = now
             busy = (self.sample or busy_elsewhere)()
             if busy is not None:
                 self.samples.append(busy)

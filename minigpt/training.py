@@ -41,6 +41,9 @@ from minigpt.signals import StopSignals
 from minigpt.tracking import Tracker
 
 
+THREAD_SAMPLE_S = 0.1  # seconds between samples of the machine's load: one costs about 0.1-0.3 ms
+
+
 @dataclass
 class TrainResult:
     """What a finished (or already complete) run reports."""
@@ -167,7 +170,7 @@ def training_loop(run: Run, signals: StopSignals, resume_hint: str) -> None:
         loss, grad_norm = train_step(run)
         run.step += 1
         recent.add(run.step, loss, grad_norm)
-        run.threads.observe()
+        run.threads.observe(every_s=THREAD_SAMPLE_S)
 
         boundary = run.step % t.log_interval == 0 or run.step == t.max_iters
         stopping = not run.world.distributed and signals.received is not None  # alone: stop at once, no need to agree

@@ -75,6 +75,7 @@ def test_a_run_changes_its_threads_at_log_boundaries_as_the_load_changes(tmp_pat
     monkeypatch.setattr(device, "busy_elsewhere", lambda: load["busy"])
     monkeypatch.setattr(device, "usable_cores", lambda: 2)
     monkeypatch.setattr(training, "train_step", step)
+    monkeypatch.setattr(training, "THREAD_SAMPLE_S", 0.0)  # a sample at every step, whatever the steps take
     cfg = tiny_config(tmp_path, corpus, "train.max_iters=30", "train.log_interval=5", "train.eval_interval=30",
                       "train.sample_chars=0", "train.eval_iters=1")
     training.train(cfg, progress=False)
@@ -85,7 +86,7 @@ def test_a_run_changes_its_threads_at_log_boundaries_as_the_load_changes(tmp_pat
 def test_the_shared_bench_reports_ratios_of_the_speeds_it_measured():
     from minigpt import benchshared
 
-    report = benchshared.add_ratios({"cores": 2, "steps": 400, "fixed_alone": 100.0, "fixed_two_each": [10.0, 12.0],
+    report = benchshared.add_ratios({"cores": 2, "steps": 400, "seconds": 90, "fixed_alone": 100.0, "fixed_two_each": [10.0, 12.0],
                                      "fixed_beside_busy": 5.0, "adaptive_alone": 98.0,
                                      "adaptive_two_each": [45.0, 50.0], "adaptive_beside_busy": 49.0})
     assert report["fixed_two_together_vs_alone"] == pytest.approx(0.22)

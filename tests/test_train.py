@@ -249,3 +249,26 @@ def test_evaluation_runs_the_module_the_steps_run(tmp_path, corpus):
         tracker.close()
         run.close()
     assert calls["n"] == 2 * run.cfg.train.eval_iters  # each split's batches
+
+
+def test_processes_agree_once_per_log_interval_not_at_every_step(tmp_path, corpus, monkeypatch):
+    """The stop check and a budget's plan travel in one collective at each log boundary (World.agree); between
+    boundaries a step asks nothing of the other processes (no World.any, which is an all-reduce and a host sync)."""
+    from minigpt.distributed import World
+
+    calls = {"any": 0, "agree": 0}
+    real_agree = World.agree
+
+    def counting_any(self, flag):
+        calls["any"] += 1
+        return flag
+
+    def counting_agree(self, values, flag):
+        calls["agree"] += 1
+        return real_agree(self, values, flag)
+
+    monkeypatch.setattr(World, "any", counting_any)
+    monkeypatch.setattr(World, "agree", counting_agree)
+    train(tiny_config(tmp_path, corpus, "train.max_iters=30", "train.log_interval=10", "train.eval_interval=30",
+                      "train.sample_chars=0", "train.eval_iters=1"), progress=False)
+    assert calls == {"any": 0, "agree": 3}

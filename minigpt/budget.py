@@ -181,12 +181,14 @@ class Deadline:
 
         Before the decay, their median: a stall in one interval does not shrink the run, and a
         lasting change shows within a few intervals (nothing is committed yet). During the decay,
-        the deadline comes first: the latest interval's, or their mean if that is slower."""
+        the deadline comes first: the latest interval's, or their median if that is slower (a
+        slowdown that is over, such as threads fighting another process for a moment, does not
+        cut the decay short again and again)."""
         if not self.recent:
             return self.step_s
         if not decaying:
             return statistics.median(self.recent)
-        return max(self.recent[-1], sum(self.recent) / len(self.recent))
+        return max(self.recent[-1], statistics.median(self.recent))
 
 
 def measure(take_step: Callable[[], "torch.Tensor"], evaluate: Callable[[], None], budget_s: float,

@@ -216,26 +216,34 @@ class ThreadPolicy:
     samples since the last decision, sets the thread count and returns it."""
 
     def __init__(self, threads: int = 0, most: int | None = None, cores: int | None = None,
-                 sample: Callable[[], int | None] | None = None):
+                 sample: Callable[[], int | None] | None = None, clock: Callable[[], float] = time.monotonic):
         self.fixed = threads
         # torch's own count (one per physical core, or OMP_NUM_THREADS), or more if the caller set more
         self.most = most or max(TORCH_THREADS, torch.get_num_threads())
         self.cores = cores or usable_cores()
         self.sample = sample  # None: busy_elsewhere
+        self.clock = clock
         self.samples: list[int] = []
-        self.last_sample = -math.inf
+        self.last_sample = self.last_decision = -math.inf
 
     def observe(self, every_s: float = 0.0) -> None:
         """Take a sample of the load, unless one was taken less than `every_s` seconds ago."""
-        now = time.monotonic()
+        now = self.clock()
         if not self.fixed and now - self.last_sample >= every_s:
             self.last_sample = now
             busy = (self.sample or busy_elsewhere)()
             if busy is not None:
                 self.samples.append(busy)
 
+    def decide_every(self, seconds: float) -> int:
+        """`decide`, if at least `seconds` have passed since the last decision (and a few samples were taken)."""
+        if self.clock() - self.last_decision >= seconds and len(self.samples) >= 3:
+            return self.decide()
+        return torch.get_num_threads()
+
     def decide(self) -> int:
         """Set and return the thread count for what comes next."""
+        self.last_decision = self.clock()
         if self.fixed:
             threads = self.fixed
         else:

@@ -42,6 +42,7 @@ from minigpt.tracking import Tracker
 
 
 THREAD_SAMPLE_S = 0.1  # seconds between samples of the machine's load: one costs about 0.1-0.3 ms
+THREAD_DECISION_S = 1.0  # seconds between decisions on the thread count (also made at every log interval)
 
 
 @dataclass
@@ -171,6 +172,7 @@ def training_loop(run: Run, signals: StopSignals, resume_hint: str) -> None:
         run.step += 1
         recent.add(run.step, loss, grad_norm)
         run.threads.observe(every_s=THREAD_SAMPLE_S)
+        run.threads.decide_every(THREAD_DECISION_S)  # not only at log intervals: a step can get 50x slower
 
         boundary = run.step % t.log_interval == 0 or run.step == t.max_iters
         stopping = not run.world.distributed and signals.received is not None  # alone: stop at once, no need to agree

@@ -40,6 +40,23 @@ def test_the_policy_averages_its_samples_and_sets_torchs_thread_count():
     assert decisions == [(2, 2), (1, 1), (1, 1), (2, 2), (2, 2)]
 
 
+def test_between_log_intervals_it_decides_once_a_second_given_a_few_samples():
+    now = {"t": 0.0}
+    policy = ThreadPolicy(most=2, cores=2, sample=lambda: 2, clock=lambda: now["t"])
+    policy.decide()  # at t = 0, with no sample yet: the one it takes now says 2 cores are busy
+    assert torch.get_num_threads() == 1
+    policy.sample = lambda: 0
+    for t in (0.1, 0.2, 0.3, 0.9):
+        now["t"] = t
+        policy.observe(every_s=0.1)
+        assert policy.decide_every(1.0) == 1  # not a second yet
+    now["t"] = 1.0
+    policy.observe(every_s=0.1)
+    assert policy.decide_every(1.0) == 2 == torch.get_num_threads()  # a second, and five samples of a free machine
+    now["t"] = 2.5
+    assert policy.decide_every(1.0) == 2 and policy.samples == []  # no samples since: no decision
+
+
 def test_an_explicit_thread_count_wins_and_no_proc_means_every_core():
     assert ThreadPolicy(3, most=2, cores=2, sample=lambda: 2).decide() == 3 == torch.get_num_threads()
     unknown = ThreadPolicy(most=2, cores=2, sample=lambda: None)
@@ -76,6 +93,7 @@ def test_a_run_changes_its_threads_at_log_boundaries_as_the_load_changes(tmp_pat
     monkeypatch.setattr(device, "usable_cores", lambda: 2)
     monkeypatch.setattr(training, "train_step", step)
     monkeypatch.setattr(training, "THREAD_SAMPLE_S", 0.0)  # a sample at every step, whatever the steps take
+    monkeypatch.setattr(training, "THREAD_DECISION_S", float("inf"))  # decisions at log intervals only
     cfg = tiny_config(tmp_path, corpus, "train.max_iters=30", "train.log_interval=5", "train.eval_interval=30",
                       "train.sample_chars=0", "train.eval_iters=1")
     training.train(cfg, progress=False)

@@ -17,6 +17,7 @@ process group: NCCL between GPUs, gloo between CPU processes.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from contextlib import nullcontext
@@ -134,6 +135,7 @@ class World:
         """Leave the process group; after a run that finished, first wait until every process has finished too
         (a process that tears its connections down while a peer still uses them makes the peer abort)."""
         if self.distributed and dist.is_initialized():
+            gc.collect()  # a DDP wrapper left in a reference cycle goes now, while the process group still exists
             if wait_for_all:
                 self.barrier()
             dist.destroy_process_group()

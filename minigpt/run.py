@@ -118,11 +118,14 @@ class Run:
             log(message)
 
     def close(self) -> None:
-        """End the progress display and TensorBoard writer, and release the run directory's lock."""
+        """End the progress display and TensorBoard writer, release the run directory's lock, and let go of the
+        module that ran the steps (under torchrun, DDP's pending communication must end before the process
+        group does, not when the interpreter finalises: then it aborts the process)."""
         if self.tracker is not None:
             self.tracker.close()
         if self.lock is not None:
             self.lock.release()
+        self.step_model = self.model
 
     def save(self, path: Path) -> None:
         """Write the run's state to the checkpoint file `path`; rank 0 only."""

@@ -97,9 +97,9 @@ def run(cfg: Config, config_path: Path, sets: list[str], steps: int = STEPS, sec
             return train_command(config_path, work / f"{label}-{name}", corpus, threads, steps, sets)
 
         say("one run alone, fixed and load-following threads in alternating rounds (a machine's speed drifts)")
-        for label in ("fixed", "adaptive", "adaptive", "fixed"):
-            train_together([command(label, "alone")], seconds=seconds)
-            report[f"{label}_alone"] = max(report.get(f"{label}_alone", 0.0), tokens_per_s(work / f"{label}-alone"))
+        for round_, label in enumerate(("fixed", "adaptive", "adaptive", "fixed")):
+            train_together([command(label, f"alone{round_}")], seconds=seconds)
+            report[f"{label}_alone"] = max(report.get(f"{label}_alone", 0.0), tokens_per_s(work / f"{label}-alone{round_}"))
         for label in ("fixed", "adaptive"):
             say(f"{label} threads: two runs at once")
             train_together([command(label, "a"), command(label, "b")], seconds=seconds)

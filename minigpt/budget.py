@@ -77,11 +77,6 @@ def process_start_time() -> float:
         return IMPORT_TIME
 
 
-def evaluations(steps: int, eval_interval: int) -> int:
-    """How many evaluations a run of `steps` steps makes (every eval_interval, and at the end)."""
-    return steps // eval_interval + (1 if steps % eval_interval else 0)
-
-
 def fitting_steps(step: int, left_s: float, step_s: float, eval_s: float, eval_interval: int) -> int:
     """The most further steps n >= 0 after `step` whose time and evaluations (at multiples of eval_interval
     and at the end) fit in `left_s` seconds."""

@@ -48,11 +48,6 @@ def windows(n_tokens: int, block_size: int, stride: int) -> Iterator[tuple[int, 
         start = min(start + stride, last)
 
 
-def window_plan(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]]:
-    """All of `windows` as a list."""
-    return list(windows(n_tokens, block_size, stride))
-
-
 def scored_batches(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None,
                    batch_size: int = 64) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
     """Each batch of windows with its losses in nats, (B, T); `ids` may be a memory-mapped array of any integer

@@ -38,12 +38,17 @@ def run(tmp_path_factory) -> Path:
     corpus = write_corpus(tmp / "corpus.txt")
     cfg = tiny_config(tmp, corpus, "train.max_iters=12", "train.eval_interval=6", "train.warmup_iters=2",
                       "train.eval_iters=2", "train.sample_chars=16", "train.histograms=true", "train.threads=1")
+    train_keeping_threads(cfg)
+    return cfg.run_dir()
+
+
+def train_keeping_threads(cfg) -> None:
+    """Train `cfg` in this process, then give torch back the thread count it had (train.threads changes it)."""
     threads = torch.get_num_threads()
     try:
         train(cfg, progress=False)
     finally:
         torch.set_num_threads(threads)
-    return cfg.run_dir()
 
 
 def cli(*args: str):
@@ -132,7 +137,7 @@ def test_surprise_bits_agree_with_the_model_loss(loaded):
 def test_strided_windows_score_every_character_once():
     for n, block, stride in [(61, 32, 16), (61, 32, 32), (61, 32, 1), (10, 32, 16), (100, 8, 3)]:
         scored = []
-        for start, first in scoring.window_plan(n, block, stride):
+        for start, first in scoring.windows(n, block, stride):
             T = min(block, n - 1)
             scored += list(range(start + 1 + first, start + 1 + T))
         assert scored == list(range(1, n)), (n, block, stride)
@@ -154,7 +159,7 @@ def test_exact_eval_equals_brute_force(loaded):
     full = brute_force_nll(loaded.model, ids, lambda j: max(0, j - block))
     torch.testing.assert_close(scoring.token_nll(loaded.model, ids, stride=1), full, rtol=1e-4, atol=1e-5)
     # Stride 16: target j is read in the window that first covers it (starts 0, 16, ..., end-aligned last).
-    plan = scoring.window_plan(len(ids), block, 16)
+    plan = list(scoring.windows(len(ids), block, 16))
     owner = {start + 1 + i: start for start, first in plan for i in range(first, block)}
     strided = brute_force_nll(loaded.model, ids, lambda j: owner[j])
     torch.testing.assert_close(scoring.token_nll(loaded.model, ids, stride=16), strided, rtol=1e-4, atol=1e-5)
@@ -349,11 +354,7 @@ def half_val_run(tmp_path_factory):
     corpus = write_corpus(tmp / "corpus.txt", repeats=1200)
     cfg = tiny_config(tmp, corpus, "train.max_iters=2", "train.eval_interval=2", "train.warmup_iters=1",
                       "train.eval_iters=1", "train.sample_chars=0", "train.threads=1", "data.val_fraction=0.5")
-    threads = torch.get_num_threads()
-    try:
-        train(cfg, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    train_keeping_threads(cfg)
     return cfg, corpus
 
 

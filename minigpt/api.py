@@ -56,13 +56,27 @@ def train(config: ConfigLike, overrides: Overrides | None = None, data: str | Pa
     to stderr (a widget in Jupyter when ipywidgets is installed). A first Ctrl-C, or the stop
     button of a notebook, ends the current step, saves last.pt and raises `Interrupted`.
     Several processes (torchrun) are the CLI's `--nproc`."""
+    from minigpt.autosize import resolve as size
     from minigpt.training import train as run_training
 
     cfg = resolve_config(config, overrides, data, device, out_dir)
+    size(cfg, resume=resume if isinstance(resume, bool) else str(resume), init_from=str(init_from) if init_from else None)
     hint = resume_hint or "the same minigpt.train(...) call with resume=True"
     return run_training(cfg, resume=str(resume) if isinstance(resume, (str, Path)) else resume,
                         overwrite=overwrite, progress=progress, resume_hint=hint,
                         init_from=str(init_from) if init_from else None)
+
+
+def size(config: ConfigLike, overrides: Overrides | None = None, data: str | Path | Sequence | None = None, *,
+         device: str | None = None, init_from: str | Path | None = None) -> Config:
+    """The config as `train` would start it: its `auto` keys chosen for this machine (measured; nothing is trained).
+
+    `cfg.sized["reason"]` says what was chosen and why."""
+    from minigpt.autosize import resolve
+
+    cfg = resolve_config(config, overrides, data, device)
+    resolve(cfg, init_from=str(init_from) if init_from else None, say=lambda line: None)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- a trained model

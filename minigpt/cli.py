@@ -78,6 +78,11 @@ def train(
     if time_budget is not None:
         set_ = list(set_ or []) + [f"train.time_budget={time_budget}"]
     cfg = _load_config(config, set_, device, out_dir)
+    if nproc > 1 and cfg.auto and not (resume or resume_from):  # chosen once, here, for every process
+        from minigpt.autosize import overrides, resolve
+
+        resolve(cfg, init_from=str(init_from) if init_from else None)
+        set_ = list(set_ or []) + overrides(cfg)
     check_launch(nproc, cfg.train.device, cfg.train.batch_size)
     if nproc > 1:
         code = launch(nproc, train_args(config, out_dir, device, set_, resume, resume_from, overwrite, init_from,
@@ -172,11 +177,21 @@ def prepare(
 
 @config_app.command("show")
 @user_errors
-def config_show(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
-    """Print the resolved config (defaults and overrides applied) as YAML."""
+def config_show(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                time_budget: Optional[str] = typer.Option(None, "--time", help="As train's --time (90s, 5m, 1h)."),
+                device: Optional[str] = DeviceOpt,
+                init_from: Optional[Path] = typer.Option(None, "--init-from", help="As train's --init-from.")) -> None:
+    """Print the resolved config as YAML; keys set to auto are chosen as train would choose them on this machine
+    (a few seconds of measuring; nothing is trained), with the reason on the first line."""
     from minigpt.config import dump
 
-    typer.echo(dump(_load_config(config, set_)), nl=False)
+    if time_budget is not None:
+        set_ = list(set_ or []) + [f"train.time_budget={time_budget}"]
+    cfg = _load_config(config, set_, device)
+    if cfg.auto:
+        cfg = api.size(cfg, init_from=init_from)
+        typer.echo(f"# auto: {cfg.sized['reason']}")
+    typer.echo(dump(cfg), nl=False)
 
 
 # ----------------------------------------------------------------------------- seeing inside the model

@@ -74,6 +74,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     eval_interval: int = 250  # evaluate (and checkpoint) every this many steps
     eval_iters: int = 20  # batches per split averaged at each evaluation
+    patience: int = 0  # stop after this many evaluations in a row without a new best val loss (best.pt keeps it); 0 = never
     log_interval: int = 10  # steps between TensorBoard scalar writes
     sample_chars: int = 200  # characters of text sample logged at each evaluation (0 = none)
     device: str = "auto"  # where to train: auto, cpu, cuda, cuda:N (one GPU) or mps
@@ -93,6 +94,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str = "run"  # run name, by default the config file's stem
+    auto: list[str] = field(default_factory=list)  # dotted keys left to the sizing rule (`auto` in the YAML)
+    sized: dict = field(default_factory=dict)  # once chosen: {"keys": [...], "reason": "..."}; the values are in the sections
+
+    def is_auto(self, dotted: str) -> bool:
+        """Whether the sizing rule (minigpt.sizing) still has to choose this key's value."""
+        return dotted in self.auto
 
     def run_dir(self) -> Path:
         """The directory this run writes its config, checkpoints and event files to."""
@@ -100,6 +107,42 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+# The keys a config may leave to the sizing rule with the value `auto` (`model: auto` means the
+# model's five): the rule picks them from the time budget, the corpus and the machine (minigpt.sizing).
+AUTO_MODEL_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.dropout")
+AUTO_KEYS = (*AUTO_MODEL_KEYS, "train.batch_size", "train.learning_rate", "train.eval_interval", "train.patience")
+
+
+def expand_auto(raw: dict) -> dict:
+    """`model: auto` written out as the model's auto keys, so that an override of one of them replaces just that one."""
+    if raw.get("model") == "auto":
+        raw = {**raw, "model": {key.split(".")[1]: "auto" for key in AUTO_MODEL_KEYS}}
+    return raw
+
+
+def take_auto(raw: dict, problems: list[str]) -> tuple[dict, list[str]]:
+    """The raw mapping without its `auto` values, and the dotted keys that had them (in AUTO_KEYS order)."""
+    raw = expand_auto(raw)
+    listed = raw.get("auto") or []
+    if not isinstance(listed, list) or any(key not in AUTO_KEYS for key in listed):
+        problems.append(f"auto must be a list of keys among {', '.join(AUTO_KEYS)}, got {listed!r}")
+        listed = []
+    found = set(listed)
+    cleaned = {}
+    for section, body in raw.items():
+        if section in SECTIONS and isinstance(body, dict):
+            for key, value in body.items():
+                if value == "auto" and f"{section}.{key}" in AUTO_KEYS:
+                    found.add(f"{section}.{key}")
+            body = {k: v for k, v in body.items() if not (v == "auto" and f"{section}.{k}" in AUTO_KEYS)}
+        elif section in SECTIONS and body == "auto":
+            problems.append(f"{section}: only the model section can be auto as a whole; "
+                            f"write auto for single keys among {', '.join(AUTO_KEYS)}")
+            body = None
+        cleaned[section] = body
+    cleaned.pop("auto", None)
+    return cleaned, [key for key in AUTO_KEYS if key in found]
 
 
 
@@ -117,10 +160,13 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
     for key, value in [("train.warmup_iters", t.warmup_iters), ("train.lr_decay_iters", t.lr_decay_iters),
                        ("train.sample_chars", t.sample_chars), ("train.threads", t.threads),
                        ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
-                       ("train.min_lr", t.min_lr)]:
+                       ("train.min_lr", t.min_lr), ("train.patience", t.patience)]:
         if value < 0:
             problems.append(f"{key} must not be negative, got {value}")
-    if m.n_head > 0 and m.n_embd % m.n_head != 0:
+    shape_chosen_later = any(cfg.is_auto(k) for k in ("model.n_head", "model.n_embd"))
+    if shape_chosen_later:
+        pass  # the sizing rule picks a head count that divides the width
+    elif m.n_head > 0 and m.n_embd % m.n_head != 0:
         problems.append(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     elif m.position == "rope" and m.n_head > 0 and (m.n_embd // m.n_head) % 2:
         problems.append(f"model.position rope turns pairs of channels, so the head size model.n_embd / model.n_head "
@@ -136,7 +182,7 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     if t.learning_rate <= 0:
         problems.append(f"train.learning_rate must be positive, got {t.learning_rate}")
-    if t.min_lr > t.learning_rate:
+    if t.min_lr > t.learning_rate and not cfg.is_auto("train.learning_rate"):
         problems.append(f"train.min_lr ({t.min_lr}) must not exceed train.learning_rate ({t.learning_rate})")
     try:
         budget = duration_seconds(t.time_budget)
@@ -203,6 +249,11 @@ def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}")
+    raw, auto = take_auto(raw, problems)
+    sized = raw.pop("sized", None) or {}
+    if not isinstance(sized, dict):
+        problems.append(f"sized is the record of what auto chose (a mapping), got {sized!r}")
+        sized = {}
     sections = {}
     for key in raw:
         if key not in SECTIONS and key != "name":
@@ -214,7 +265,7 @@ def from_dict(raw: Any, source: str = "<config>", name: str = "run") -> Config:
             name = raw["name"]
         else:
             problems.append(f"name must be a non-empty string, got {raw['name']!r}")
-    cfg = Config(name=name, **sections)
+    cfg = Config(name=name, auto=auto, sized=sized, **sections)
     _check_rules(cfg, problems)  # fields with a wrong type kept their defaults, so this is safe
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
@@ -271,7 +322,7 @@ def load(config: ConfigLike, overrides: Overrides | None = None, data: str | Pat
         raw, source, name = dict(config), "config dict", "run"
     else:
         raise ConfigError(f"config must be a YAML file path, a dict or a minigpt Config, got {type(config).__name__}")
-    raw = apply_overrides(apply_overrides(raw, overrides or []), extra)
+    raw = apply_overrides(apply_overrides(expand_auto(raw), overrides or []), extra)
     shown = [describe_overrides(o) for o in (overrides, extra) if o]
     if shown:  # a typo may be in the file or in an override
         source += " with --set " + ", ".join(shown)
@@ -285,4 +336,5 @@ def to_dict(cfg: Config) -> dict:
 
 def dump(cfg: Config) -> str:
     """The resolved config as YAML text, in section order."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    plain = {key: value for key, value in to_dict(cfg).items() if value or key not in ("auto", "sized")}
+    return yaml.safe_dump(plain, sort_keys=False, width=100)

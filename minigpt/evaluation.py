@@ -58,8 +58,10 @@ def evaluate_and_save(run: Run, out: Outputs | None = None) -> None:
     log_inspection(out.tracker, run)  # attention image, histograms
     out.say(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpc {bpc:.4f}")
     if losses["val"] < run.best_val_loss:
-        run.best_val_loss = losses["val"]
+        run.best_val_loss, run.evals_since_best = losses["val"], 0
         run.save(out.run_dir / checkpoint.BEST)
+    else:
+        run.evals_since_best += 1
     run.save(out.run_dir / checkpoint.LAST)
     out.tracker.flush()
 

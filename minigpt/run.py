@@ -68,6 +68,7 @@ class Run:
     fused_attention: bool
     step: int = 0  # optimizer steps taken
     best_val_loss: float = math.inf
+    evals_since_best: int = 0  # evaluations in a row that found no new best val loss (train.patience stops at it)
     tracker: Tracker | None = None  # TensorBoard and the progress bar (disabled on ranks other than 0)
     threads: device_mod.ThreadPolicy = field(default_factory=device_mod.ThreadPolicy)  # CPU threads, following the load
     deadline: budget.Deadline | None = None  # a budgeted fresh run's deadline and what its steps cost lately
@@ -142,6 +143,7 @@ class Run:
             "scaler": self.scaler.state_dict() if self.precision.use_scaler else None,
             "step": self.step,
             "best_val_loss": self.best_val_loss,
+            "evals_since_best": self.evals_since_best,
             "config": config_mod.to_dict(self.cfg),
             "tokenizer": self.tokenizer.to_dict(),
             "rng": {"batch": self.batch_generator.get_state() if self.prefetched is None else self.generator_before_prefetch,
@@ -164,6 +166,7 @@ class Run:
         if self.device.type == "cuda" and payload["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
         self.step, self.best_val_loss = payload["step"], payload["best_val_loss"]
+        self.evals_since_best = payload.get("evals_since_best", 0)  # absent from checkpoints before train.patience
         self.init_from = payload.get("init_from")
 
 

@@ -151,12 +151,15 @@ def open_progress(run: Run, progress: bool = True, measured: budget.Costs | None
             f"{'fused' if run.fused_attention else 'explicit'} attention{', compiled' if run.compiled else ''}, {t.optimizer}"
             f"{threads}, vocab {run.tokenizer.vocab_size}, "
             f"{run.data_meta['train_tokens']:,} train / {run.data_meta['val_tokens']:,} val characters -> {run.run_dir}")
-    if run.step >= t.max_iters:
+    if out_of_patience(run):
+        run.say(f"the run stopped early at step {run.step}: {run.evals_since_best} evaluations without a better val "
+                f"loss (train.patience {t.patience}); to train on: --resume --set train.patience=0")
+    elif run.step >= t.max_iters:
         unbudgeted = " --set train.time_budget=0" if budget.seconds(t) else ""  # else the recorded count is kept
         run.say(f"the run is already complete at step {run.step} (train.max_iters {t.max_iters}); "
                 f"to train longer: --resume{unbudgeted} --set train.max_iters=N with N > {run.step}")
     run.tracker = Tracker(run.run_dir, run.step, t.max_iters, enabled=run.world.is_main,
-                          progress=progress and run.step < t.max_iters)
+                          progress=progress and run.step < t.max_iters and not out_of_patience(run))
 
 
 def training_loop(run: Run, signals: StopSignals, resume_hint: str) -> None:
@@ -166,7 +169,7 @@ def training_loop(run: Run, signals: StopSignals, resume_hint: str) -> None:
     the CPU thread count follows the machine's load, and every process learns whether to stop."""
     t = run.cfg.train
     recent = RecentSteps(since_step=run.step)
-    while run.step < t.max_iters:
+    while run.step < t.max_iters and not out_of_patience(run):
         lr = set_lr(run.optimizer, get_lr(run.step, t))
         loss, grad_norm = train_step(run)
         run.step += 1
@@ -190,10 +193,19 @@ def training_loop(run: Run, signals: StopSignals, resume_hint: str) -> None:
                 run.deadline.evaluation_took(budget.clock() - start)
             recent.restart_clock()  # evaluation time is not training speed
             saved = True
+            if out_of_patience(run):
+                run.say(f"stopping early at step {run.step}: {run.evals_since_best} evaluations without a better val "
+                        f"loss (train.patience {t.patience}); best.pt holds the best, val loss {run.best_val_loss:.4f}")
         else:
             saved = False
         if stopping:
             stop_on_signal(run, signals.received or signal.SIGINT, saved=saved, resume_hint=resume_hint)
+
+
+def out_of_patience(run: Run) -> bool:
+    """Whether train.patience evaluations in a row have found no better val loss (every process agrees: the
+    losses are averaged over processes)."""
+    return run.cfg.train.patience > 0 and run.evals_since_best >= run.cfg.train.patience
 
 
 def steer(run: Run, stop_requested: bool) -> bool:

@@ -1,0 +1,100 @@
+"""The scaling study behind `model: auto` (docs/scaling.md): fixed step counts, exact val loss.
+
+    python scripts/scaling_study.py speed --threads 2 L3W128 L4W192 ...   # ms per step of each shape
+    python scripts/scaling_study.py run --shape L4W192 --steps 5000 --dropout 0.1 --data FILE --results R.jsonl
+
+A shape is written L<layers>W<width> (head size 32, block 128, batch 16, RoPE, Muon, WSD with half
+the steps decaying: the CPU config's recipe). `run` trains for a fixed number of steps on one
+thread, then scores the whole validation split exactly and appends one JSON line. The loss of a
+fixed step count does not depend on how busy the machine is, so two runs can go at once.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import minigpt
+from minigpt import config as config_mod, data
+from minigpt.bench import compare_training, make_trainer
+from minigpt.device import resolve_device, set_threads
+
+
+def shape_config(shape: str, steps: int, dropout: float, data_path: str, out_dir: str, threads: int,
+                 batch_size: int = 16, learning_rate: float = 6e-3) -> dict:
+    layers, width = map(int, re.fullmatch(r"L(\d+)W(\d+)", shape).groups())
+    return {
+        "model": {"n_layer": layers, "n_head": width // 32, "n_embd": width, "block_size": 128,
+                  "dropout": dropout, "position": "rope"},
+        "data": {"path": data_path},
+        "train": {"optimizer": "muon", "batch_size": batch_size, "learning_rate": learning_rate, "min_lr": 1e-4,
+                  "warmup_iters": min(100, steps // 4), "lr_schedule": "wsd", "decay_fraction": 0.5,
+                  "weight_decay": 0.1, "max_iters": steps, "eval_interval": steps, "eval_iters": 20,
+                  "log_interval": 50, "sample_chars": 0, "threads": threads, "out_dir": out_dir},
+    }
+
+
+def speed(args) -> None:
+    set_threads(args.threads)
+    device = resolve_device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            cfg = config_mod.load(shape_config(shape, 100, 0.0, args.data, tmp, args.threads))
+            prepared = data.prepare(cfg.data, cfg.model.block_size)
+            trainer = make_trainer(shape, cfg, prepared, device)
+            compare_training([trainer], device, warmup_steps=5, rounds=3, round_seconds=2.0)
+            print(json.dumps({"shape": shape, "params": trainer.run.model.num_params(), "threads": args.threads,
+                              "ms_per_step": round(trainer.best_step_s * 1000, 2)}), flush=True)
+
+
+def run(args) -> None:
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
+        out = Path(tmp) / "run"
+        cfg = shape_config(args.shape, args.steps, args.dropout, args.data, str(out), 1,
+                           args.batch_size, args.learning_rate)
+        start = time.perf_counter()
+        result = minigpt.train(cfg, progress=False)
+        train_s = time.perf_counter() - start
+        model = minigpt.load(out / "last.pt", device="cpu")
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / "last.pt", Path(args.keep) / f"{Path(args.data).stem}-{args.shape}-{args.steps}-{args.dropout}.pt")
+        score = model.evaluate(split="val")
+        record = {"corpus": Path(args.data).name, "shape": args.shape, "params": model.module.num_params(),
+                  "steps": args.steps, "dropout": args.dropout, "batch_size": args.batch_size,
+                  "learning_rate": args.learning_rate, "val_loss": score.loss if hasattr(score, "loss") else None,
+                  "val_bpc": score.bpc, "train_est": result.history[-1].get("train_loss"),
+                  "val_est": result.history[-1].get("val_loss"), "train_s_1thread": round(train_s, 1)}
+    with open(args.results, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("speed")
+    p.add_argument("shapes", nargs="+")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", required=True)
+    p.set_defaults(func=speed)
+    p = sub.add_parser("run")
+    p.add_argument("--shape", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=6e-3)
+    p.add_argument("--data", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--scratch", default=None)
+    p.add_argument("--keep", default=None, help="copy each run's last.pt into this directory")
+    p.set_defaults(func=run)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,8 @@ app.add_typer(config_app, name="config")
 
 ConfigOpt = typer.Option(..., "--config", "-c", help="YAML run config, e.g. configs/shakespeare_char_cpu.yaml.")
 SetOpt = typer.Option(None, "--set", help="Override a config value, e.g. --set train.max_iters=500 (repeatable).")
+TimeOpt = typer.Option(None, "--time", help="Train for this long, start-up included (90s, 5m, 1h): sets "
+                       "train.time_budget; the step count (and what auto chooses) follows from it.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the config's train.device).")
 CheckpointOpt = typer.Option(..., "--checkpoint", help="A checkpoint file, or a run directory (its best.pt is used).")
 
@@ -66,23 +68,18 @@ def train(
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint file instead."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again even if the run directory holds checkpoints."),
     nproc: int = typer.Option(1, "--nproc", help="Number of data-parallel processes (launches torchrun when > 1)."),
-    time_budget: Optional[str] = typer.Option(
-        None, "--time", help="Train for this long, start-up included (90s, 5m, 1h): sets train.time_budget, "
-                             "and the step count is derived from it."),
+    time_budget: Optional[str] = TimeOpt,
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Fine-tune: start a new run from this run's "
                                              "(or checkpoint's) weights; the vocabulary gains the corpus's new characters."),
 ) -> None:
     """Train a model from a YAML config (prepares the data first if needed)."""
-    from minigpt.launch import check_launch, launch, train_args
+    from minigpt.launch import check_launch, launch, sized_once, train_args
 
     if time_budget is not None:
         set_ = list(set_ or []) + [f"train.time_budget={time_budget}"]
     cfg = _load_config(config, set_, device, out_dir)
-    if nproc > 1 and cfg.auto and not (resume or resume_from):  # chosen once, here, for every process
-        from minigpt.autosize import overrides, resolve
-
-        resolve(cfg, init_from=str(init_from) if init_from else None)
-        set_ = list(set_ or []) + overrides(cfg)
+    if nproc > 1 and cfg.auto and not (resume or resume_from):
+        set_ = sized_once(cfg, set_, init_from)
     check_launch(nproc, cfg.train.device, cfg.train.batch_size)
     if nproc > 1:
         code = launch(nproc, train_args(config, out_dir, device, set_, resume, resume_from, overwrite, init_from,
@@ -113,6 +110,7 @@ def sample(
 ) -> None:
     """Write text with a trained model; the text streams to stdout."""
     from minigpt.generation import check_options
+    from minigpt.terminal import converse, echo_stream
 
     check_options(max_new_tokens, temperature, top_k, num_samples, top_p, api.stop_list(stop))
     if interactive and num_samples != 1:
@@ -120,38 +118,13 @@ def sample(
     model = _load_checkpoint(checkpoint, device, unknown)
     options = dict(top_k=top_k, top_p=top_p, stop=stop, seed=seed, unknown=unknown, use_cache=not no_cache)
     if interactive:
-        _converse(model.conversation(max_new_tokens, temperature, **options))
+        converse(model.conversation(max_new_tokens, temperature, **options))
     elif num_samples == 1:
-        for piece in model.stream(prompt, max_new_tokens, temperature, **options):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        echo_stream(model.stream(prompt, max_new_tokens, temperature, **options))
         sys.stdout.write("\n")
     else:
         texts = model.generate_many(prompt, num_samples, max_new_tokens, temperature, **options)
         sys.stdout.write("\n\n-----\n\n".join(texts) + "\n")
-
-
-def _converse(conversation: "api.Conversation") -> None:
-    """Read lines from stdin and stream the model's continuation of each, until Ctrl-D, an empty line or Ctrl-C."""
-    try:
-        while True:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-            line = sys.stdin.readline().rstrip("\n")
-            if not line:
-                break
-            try:
-                for piece in conversation.reply(line):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            except PromptError as exc:  # a line the model cannot read: say so and go on
-                typer.echo(f"error: {exc}", err=True)
-                continue
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-    sys.stderr.write("\n")
 
 
 @app.command()
@@ -177,14 +150,12 @@ def prepare(
 
 @config_app.command("show")
 @user_errors
-def config_show(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                time_budget: Optional[str] = typer.Option(None, "--time", help="As train's --time (90s, 5m, 1h)."),
-                device: Optional[str] = DeviceOpt,
+def config_show(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt, device: Optional[str] = DeviceOpt,
+                time_budget: Optional[str] = TimeOpt,
                 init_from: Optional[Path] = typer.Option(None, "--init-from", help="As train's --init-from.")) -> None:
     """Print the resolved config as YAML; keys set to auto are chosen as train would choose them on this machine
     (a few seconds of measuring; nothing is trained), with the reason on the first line."""
     from minigpt.config import dump
-
     if time_budget is not None:
         set_ = list(set_ or []) + [f"train.time_budget={time_budget}"]
     cfg = _load_config(config, set_, device)

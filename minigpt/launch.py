@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from minigpt import budget
+from minigpt.autosize import overrides, resolve
+from minigpt.config import Config
 from minigpt.distributed import check_gpus, per_rank_batch, process_device, torchrun_env
 from minigpt.errors import DeviceError
 
@@ -47,6 +49,12 @@ def train_args(config: Path, out_dir: Path | None, device: str | None, set_: lis
     args += ["--overwrite"] if overwrite else []
     args += ["--init-from", str(init_from)] if init_from else []
     return args
+
+
+def sized_once(cfg: Config, set_: list[str] | None, init_from: Path | None) -> list[str]:
+    """Choose the config's auto keys here, once, and hand every torchrun process the choice as --set values."""
+    resolve(cfg, init_from=str(init_from) if init_from else None)
+    return list(set_ or []) + overrides(cfg)
 
 
 def launch_command(nproc: int, minigpt_args: list[str]) -> list[str]:

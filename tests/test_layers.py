@@ -14,12 +14,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minigpt"
 
 LAYERS = [  # bottom first
     {"errors", "typed", "overrides", "config", "tokenizer", "console", "signals"},
-    {"model", "device", "distributed", "optim", "lock", "viz", "scoring", "fastpath", "decoding"},
+    {"model", "device", "distributed", "optim", "lock", "viz", "scoring", "fastpath", "decoding", "sizing"},
     {"data", "checkpoint", "budget", "tracking"},
     {"run"},
-    {"evaluation", "training", "generation", "inspection", "explain", "bench", "benchprep", "benchshared"},
+    {"evaluation", "training", "generation", "inspection", "explain", "bench", "benchprep", "benchshared", "autosize"},
     {"api", "launch"},
-    {"cli", "exits", "__main__"},
+    {"cli", "exits", "terminal", "__main__"},
 ]
 
 

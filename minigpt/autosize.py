@@ -107,7 +107,7 @@ def fresh(cfg: Config) -> str:
     put(cfg, "model.block_size", blocks[chosen.shape])
     epochs = chosen.tokens / max(1, train_chars)
     put(cfg, "model.dropout", sizing.dropout_for(epochs))
-    put(cfg, "train.eval_interval", max(50, round(chosen.steps / 10, -1)))
+    put(cfg, "train.eval_interval", max(50, int(round(chosen.steps / 10, -1))))  # about ten evaluations
     return fresh_reason(cfg, chosen, measured, budget_s, train_chars, epochs)
 
 

@@ -56,9 +56,9 @@ def run(args) -> None:
         cfg = shape_config(args.shape, args.steps, args.dropout, args.data, str(out), 1,
                            args.batch_size, args.learning_rate)
         start = time.perf_counter()
-        result = minigpt.train(cfg, progress=False)
+        result = minigpt.train(cfg, overrides=args.set or [], progress=False, init_from=args.init_from)
         train_s = time.perf_counter() - start
-        model = minigpt.load(out / "last.pt", device="cpu")
+        model = minigpt.load(out / ("best.pt" if args.best else "last.pt"), device="cpu")
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
             shutil.copy(out / "last.pt", Path(args.keep) / f"{Path(args.data).stem}-{args.shape}-{args.steps}-{args.dropout}.pt")
@@ -67,10 +67,72 @@ def run(args) -> None:
                   "steps": args.steps, "dropout": args.dropout, "batch_size": args.batch_size,
                   "learning_rate": args.learning_rate, "val_loss": score.loss if hasattr(score, "loss") else None,
                   "val_bpc": score.bpc, "train_est": result.history[-1].get("train_loss"),
-                  "val_est": result.history[-1].get("val_loss"), "train_s_1thread": round(train_s, 1)}
+                  "val_est": result.history[-1].get("val_loss"), "train_s_1thread": round(train_s, 1),
+                  "steps_taken": result.step, "best_step": min(result.history, key=lambda h: h["val_loss"])["step"],
+                  "init_from": args.init_from, "set": args.set}
     with open(args.results, "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
+
+
+def read_results(path: str, speeds: dict[str, float]) -> list[dict]:
+    """The study's runs, each with its budget in minutes of this machine (steps at the measured ms/step, 2 threads,
+    with the 15% of a budget that start-up, evaluations and the margin take)."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = [r for r in rows if not r.get("init_from")]
+    for r in rows:
+        r["minutes"] = r["steps"] * speeds[r["shape"]] / 1000 / 60 / TRAINED_FRACTION
+        r["tokens_per_param"] = r["steps"] * 2048 / r["params"]
+    return sorted(rows, key=lambda r: (r["corpus"], r["params"], r["steps"], r["dropout"]))
+
+
+TRAINED_FRACTION = 0.85  # minigpt.sizing's: steps = 0.85 * budget / step time
+
+
+def table(args) -> None:
+    rows = read_results(args.results, json.loads(args.speeds))
+    print("| corpus | shape | parameters | dropout | steps | minutes (2-core Zen 5) | characters per parameter "
+          "| exact val loss (nats) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['corpus']} | {r['shape']} | {r['params'] / 1e6:.2f}M | {r['dropout']:g} | {r['steps']:,} | "
+              f"{r['minutes']:.1f} | {r['tokens_per_param']:.0f} | {r['val_loss']:.4f} |")
+
+
+def plot(args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_results(args.results, json.loads(args.speeds))
+    corpora = sorted({r["corpus"] for r in rows})
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        for shape in sorted({r["shape"] for r in rows if r["corpus"] == corpus},
+                            key=lambda s: next(r["params"] for r in rows if r["shape"] == s)):
+            best: dict[float, dict] = {}
+            for r in rows:
+                if r["corpus"] == corpus and r["shape"] == shape:
+                    key = round(r["minutes"], 2)
+                    if key not in best or r["val_loss"] < best[key]["val_loss"]:
+                        best[key] = r
+            points = sorted(best.values(), key=lambda r: r["minutes"])
+            params = points[0]["params"] / 1e6
+            ax.plot([p["minutes"] for p in points], [p["val_loss"] for p in points], "o-",
+                    label=f"{shape} ({params:.2f}M)")
+            for p in points:
+                if p["dropout"]:
+                    ax.annotate(f"d{p['dropout']:g}", (p["minutes"], p["val_loss"]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+        ax.set_xscale("log")
+        ax.set_xlabel("budget, minutes of a 2-core Zen 5 (log)")
+        ax.set_ylabel("best exact val loss (nats)")
+        ax.set_title(corpus)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
 
 
 def main() -> None:
@@ -91,7 +153,16 @@ def main() -> None:
     p.add_argument("--results", required=True)
     p.add_argument("--scratch", default=None)
     p.add_argument("--keep", default=None, help="copy each run's last.pt into this directory")
+    p.add_argument("--init-from", default=None, help="fine-tune from this checkpoint")
+    p.add_argument("--set", action="append", help="a further config override (repeatable)")
+    p.add_argument("--best", action="store_true", help="score best.pt (early stopping) instead of last.pt")
     p.set_defaults(func=run)
+    for name, func in (("table", table), ("plot", plot)):
+        p = sub.add_parser(name)
+        p.add_argument("--results", required=True)
+        p.add_argument("--speeds", required=True, help='JSON: {"L3W128": 35.4, ...} ms per step on 2 threads')
+        p.add_argument("--out", default="docs/scaling.png")
+        p.set_defaults(func=func)
     args = parser.parse_args()
     args.func(args)
 

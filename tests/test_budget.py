@@ -314,8 +314,9 @@ def test_cli_time_option_sets_the_budget_and_refuses_a_tiny_one(tmp_path, corpus
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_config_show_prints_the_budget(tmp_path):
-    shown = run_cli("config", "show", "--config", "configs/shakespeare_char_cpu.yaml", "--set", "train.time_budget=90s")
+def test_config_show_prints_the_budget(tmp_path, corpus):
+    shown = run_cli("config", "show", "--config", "configs/shakespeare_char_cpu.yaml", "--set", "train.time_budget=90s",
+                    "--set", f"data.path={corpus}", "--set", f"data.prepared_dir={tmp_path / 'prepared'}")
     assert shown.returncode == 0, shown.stderr
     assert yaml.safe_load(shown.stdout)["train"]["time_budget"] == "90s"
 

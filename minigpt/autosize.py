@@ -90,7 +90,6 @@ def fresh(cfg: Config) -> str:
     device = resolve_device(t.device)
     put(cfg, "train.batch_size", sizing.batch_size_for(device.type))
     put(cfg, "train.learning_rate", sizing.LEARNING_RATE[t.optimizer])
-    put(cfg, "train.patience", 0)
     shapes = sizing.candidates(None if cfg.is_auto("model.n_layer") else m.n_layer,
                                None if cfg.is_auto("model.n_embd") else m.n_embd,
                                None if cfg.is_auto("model.n_head") else m.n_head, m.position == "rope")
@@ -107,7 +106,11 @@ def fresh(cfg: Config) -> str:
     put(cfg, "model.block_size", blocks[chosen.shape])
     epochs = chosen.tokens / max(1, train_chars)
     put(cfg, "model.dropout", sizing.dropout_for(epochs))
-    put(cfg, "train.eval_interval", max(50, int(round(chosen.steps / 10, -1))))  # about ten evaluations
+    tokens_per_step = t.batch_size * t.gradient_accumulation_steps * m.block_size
+    small = train_chars < sizing.SMALL_CORPUS  # passed over so often that validation stops improving: stop there
+    put(cfg, "train.patience", sizing.PATIENCE if small else 0)
+    put(cfg, "train.eval_interval", sizing.pass_eval_interval(train_chars, tokens_per_step) if small
+        else max(50, int(round(chosen.steps / 10, -1))))  # else about ten evaluations
     return fresh_reason(cfg, chosen, measured, budget_s, train_chars, epochs)
 
 
@@ -152,12 +155,16 @@ def fresh_reason(cfg: Config, chosen: Measured, measured: list[Measured], budget
              f"{sizing.rate_text(tokens_per_step / chosen.step_s)}") if budget_s else \
         f"for {t.max_iters:,} steps on {sizing.chars_text(train_chars)}"
     larger = [c for c in measured if c.params > chosen.params]
-    why = (f"; {larger[0].shape.describe()} would see {larger[0].tokens / larger[0].params:.0f}"
-           if larger else "; the largest candidate")
+    if not sizing.enough_tokens(chosen.tokens, chosen.params):
+        why = "; the smallest candidate"
+    else:
+        why = (f"; {larger[0].shape.describe()} would see {larger[0].tokens / larger[0].params:.1f}"
+               if larger else "; the largest candidate")
+    stops = f", stopping after {t.patience} evaluations without a better val loss" if t.patience else ""
     return (f"{chosen.shape.describe()}, {chosen.params / 1e6:.2f}M parameters, block {m.block_size}, batch "
             f"{t.batch_size}, lr {t.learning_rate:g}, dropout {m.dropout:g} {given}: about {chosen.steps:,} steps, "
-            f"{chosen.tokens / chosen.params:.0f} characters per parameter (the rule wants {sizing.TOKENS_PER_PARAM:g})"
-            f"{why}; {epochs:.1f} passes over the data")
+            f"{chosen.tokens / chosen.params:.1f} characters per parameter (the rule wants {sizing.TOKENS_PER_PARAM:g})"
+            f"{why}; {epochs:.1f} passes over the data{stops}")
 
 
 def fine_tune(cfg: Config, origin: dict) -> str:
@@ -169,11 +176,11 @@ def fine_tune(cfg: Config, origin: dict) -> str:
     put(cfg, "train.batch_size", origin["config"]["train"]["batch_size"])
     put(cfg, "train.learning_rate", origin["config"]["train"]["learning_rate"] * sizing.FINE_TUNE_LR_FACTOR)
     t.min_lr = min(t.min_lr, t.learning_rate)
-    put(cfg, "train.patience", sizing.FINE_TUNE_PATIENCE)
+    put(cfg, "train.patience", sizing.PATIENCE)
     prepared = data.prepare(cfg.data, m.block_size, base_vocab=origin["tokenizer"]["chars"])
     train_chars = prepared.meta["train_tokens"]
     tokens_per_step = t.batch_size * t.gradient_accumulation_steps * m.block_size
-    put(cfg, "train.eval_interval", sizing.fine_tune_eval_interval(train_chars, tokens_per_step))
+    put(cfg, "train.eval_interval", sizing.pass_eval_interval(train_chars, tokens_per_step))
     put(cfg, "model.dropout", sizing.fine_tune_dropout(train_chars))
     return (f"fine-tuning {origin['path']}'s {m.n_layer} layers x {m.n_embd} on {sizing.chars_text(train_chars)}: "
             f"lr {t.learning_rate:g}, dropout {m.dropout:g}, an evaluation every {t.eval_interval} steps (about one "

@@ -25,15 +25,15 @@ from dataclasses import dataclass
 # (n_layer, n_embd) from small to large; heads are HEAD_SIZE channels wide (64 from 384 up, as GPT-2)
 LADDER = ((2, 96), (3, 128), (4, 160), (4, 192), (5, 224), (6, 256), (6, 320), (6, 384), (8, 512), (12, 768))
 HEAD_SIZE = 32
-TOKENS_PER_PARAM = 20.0  # characters trained on per parameter where the study's best shape sat (fitted)
+TOKENS_PER_PARAM = 2.0  # characters trained on per parameter: the study's best shapes had 2 to 5 (docs/scaling.md)
 TRAINED_FRACTION = 0.85  # of a budget's time left after start-up that the steps get (evaluations, margin)
 BLOCK_SIZE = 128  # context of every shape below 384 wide (the study's); 256 from 384 up (the GPU config's)
 CPU_BATCH, ACCELERATOR_BATCH = 16, 64  # sequences per step: the study's on CPU, the GPU config's on CUDA and MPS
 LEARNING_RATE = {"muon": 6e-3, "adamw": 1e-3}  # the study's for Muon; the GPU config's for AdamW
-FINE_TUNE_LR_FACTOR = 0.2  # fine-tuning starts from a trained model: a fifth of the learning rate (fitted)
-FINE_TUNE_DROPOUT = 0.1  # dropout when fine-tuning on a corpus smaller than SMALL_CORPUS characters (fitted)
-SMALL_CORPUS = 1_000_000
-FINE_TUNE_PATIENCE = 3  # evaluations without a better val loss before a fine-tuning run stops
+FINE_TUNE_LR_FACTOR = 0.2  # fine-tuning starts from a trained model: a fifth of its learning rate (of 1, 0.2, 0.05)
+FINE_TUNE_DROPOUT = 0.1  # dropout when fine-tuning on fewer than 1M characters (better than none in the study)
+SMALL_CORPUS = 200_000  # characters below which a fresh run also evaluates every pass and stops early
+PATIENCE = 3  # evaluations without a better val loss before a fine-tuning run (or one on a small corpus) stops
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,14 @@ def dropout_for(epochs: float) -> float:
     return 0.1 if epochs <= 16 else 0.2
 
 
-def fine_tune_eval_interval(train_chars: int, tokens_per_step: int) -> int:
-    """Steps between evaluations of a fine-tuning run: about one pass over the new corpus (10 to 500)."""
+def pass_eval_interval(train_chars: int, tokens_per_step: int) -> int:
+    """Steps between evaluations of a run that stops early: about one pass over its corpus (10 to 500)."""
     return max(10, min(500, round(train_chars / tokens_per_step)))
 
 
 def fine_tune_dropout(train_chars: int) -> float:
     """Dropout for fine-tuning on a corpus of `train_chars` characters: small corpora are passed over many times."""
-    return FINE_TUNE_DROPOUT if train_chars < SMALL_CORPUS else 0.0
+    return FINE_TUNE_DROPOUT if train_chars < 1_000_000 else 0.0
 
 
 def rate_text(tokens_per_s: float) -> str:

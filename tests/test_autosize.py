@@ -99,6 +99,14 @@ def test_more_tokens_choose_a_larger_model_and_more_passes_more_dropout(tmp_path
     assert [sizing.dropout_for(e) for e in (1, 4, 5, 16, 17)] == [0.0, 0.0, 0.1, 0.1, 0.2]
 
 
+def test_a_small_corpus_is_evaluated_every_pass_and_stops_when_val_stops_improving(tmp_path, corpus):
+    cfg = auto_config(tmp_path, corpus, "train.max_iters=500", "train.patience=auto", "train.eval_interval=auto")
+    autosize.resolve(cfg, say=lambda line: None)
+    passes = int(len(VERSE) * 60 * 0.9) / (cfg.train.batch_size * cfg.model.block_size)
+    assert cfg.train.patience == sizing.PATIENCE and abs(cfg.train.eval_interval - max(10, passes)) <= 1
+    assert "stopping after 3 evaluations without a better val loss" in cfg.sized["reason"]
+
+
 # ----------------------------------------------------------------------------- measured, recorded, resumed
 
 def test_a_budgeted_auto_run_says_its_choice_first_records_it_and_resume_keeps_it(tmp_path, corpus, monkeypatch):
@@ -153,7 +161,7 @@ def test_fine_tuning_keeps_the_origin_shape_and_sizes_the_rest_from_the_new_corp
     autosize.resolve(cfg, init_from=str(origin.run_dir), say=lambda line: None)
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (1, 32, 32)
     assert cfg.train.learning_rate == pytest.approx(origin_cfg["train"]["learning_rate"] * sizing.FINE_TUNE_LR_FACTOR)
-    assert cfg.train.patience == sizing.FINE_TUNE_PATIENCE and cfg.model.dropout == sizing.FINE_TUNE_DROPOUT
+    assert cfg.train.patience == sizing.PATIENCE and cfg.model.dropout == sizing.FINE_TUNE_DROPOUT
     train_chars = int(len(VERSE) * 8 * 0.9)
     assert abs(cfg.train.eval_interval - max(10, train_chars // (cfg.train.batch_size * 32))) <= 1
     assert "fine-tuning" in cfg.sized["reason"]

@@ -241,11 +241,14 @@ def test_launch_command_runs_minigpt_with_the_same_arguments_in_n_processes(npro
 
 def test_time_budget_under_two_processes_is_decided_once(tmp_path, corpus):
     """`--nproc 2 --time`: rank 0 measures and plans, both processes follow its plan as it changes (a rank
-    taking more steps would wait forever in the gradient all-reduce), and the decisions are recorded."""
+    taking more steps would wait forever in the gradient all-reduce), and the decisions are recorded. The
+    shape is auto: the launcher chooses it once and hands it to both processes (each choosing on its own,
+    they could build different networks)."""
     run_dir = tmp_path / "run"
     overrides = tiny_sets(tmp_path, corpus)[:-2] + [f"train.out_dir={run_dir}", "train.device=cpu", "train.threads=1",
                                                     "train.eval_interval=200", "train.eval_iters=1",
-                                                    "train.log_interval=50", "train.sample_chars=8"]
+                                                    "train.log_interval=50", "train.sample_chars=8",
+                                                    "model.n_layer=auto", "model.n_embd=auto", "model.n_head=auto"]
     result = subprocess.run([sys.executable, "-m", "minigpt", *cli_args(overrides), "--nproc", "2", "--time", "45s"],
                             env=ENV, text=True, capture_output=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -254,7 +257,12 @@ def test_time_budget_under_two_processes_is_decided_once(tmp_path, corpus):
     recorded = checkpoint.load(run_dir / checkpoint.LAST)
     t = recorded["config"]["train"]
     assert recorded["step"] == t["max_iters"] == t["decay_plan"][-1][1] > 10  # ended where its decay ends
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"] == t
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["train"] == t
+    chosen = [line for line in result.stderr.splitlines() if line.startswith("minigpt auto: ")]
+    assert len(chosen) == 1 and written["sized"]["reason"] in chosen[0]
+    assert written["sized"]["keys"] == ["model.n_layer", "model.n_head", "model.n_embd"]
+    assert f"{written['model']['n_layer']} layers x {written['model']['n_embd']}" in chosen[0]
     assert "Traceback" not in result.stderr
 
 

@@ -13,7 +13,7 @@ The API is imported on first use, so `import minigpt` does not import torch.
 __version__ = "0.1.0"
 
 _API = {
-    "load": "minigpt.api", "train": "minigpt.api", "Model": "minigpt.api", "Conversation": "minigpt.api",
+    "load": "minigpt.api", "train": "minigpt.api", "size": "minigpt.api", "Model": "minigpt.api", "Conversation": "minigpt.api",
     "resolve_config": "minigpt.api", "Config": "minigpt.config", "TrainResult": "minigpt.training",
     "Explanation": "minigpt.explain", "MiniGPTError": "minigpt.errors", "Interrupted": "minigpt.errors",
 }

@@ -56,11 +56,11 @@ def train(config: ConfigLike, overrides: Overrides | None = None, data: str | Pa
     to stderr (a widget in Jupyter when ipywidgets is installed). A first Ctrl-C, or the stop
     button of a notebook, ends the current step, saves last.pt and raises `Interrupted`.
     Several processes (torchrun) are the CLI's `--nproc`."""
-    from minigpt.autosize import resolve as size
+    from minigpt.autosize import resolve as resolve_auto
     from minigpt.training import train as run_training
 
-    cfg = resolve_config(config, overrides, data, device, out_dir)
-    size(cfg, resume=resume if isinstance(resume, bool) else str(resume), init_from=str(init_from) if init_from else None)
+    cfg = resolve_config(config, overrides, data, device, out_dir)  # then its auto keys, as the first line says
+    resolve_auto(cfg, resume=resume if isinstance(resume, bool) else str(resume), init_from=str(init_from) if init_from else None)
     hint = resume_hint or "the same minigpt.train(...) call with resume=True"
     return run_training(cfg, resume=str(resume) if isinstance(resume, (str, Path)) else resume,
                         overwrite=overwrite, progress=progress, resume_hint=hint,

@@ -145,7 +145,6 @@ def take_auto(raw: dict, problems: list[str]) -> tuple[dict, list[str]]:
     return cleaned, [key for key in AUTO_KEYS if key in found]
 
 
-
 def _check_rules(cfg: Config, problems: list[str]) -> None:
     """Cross-field and range rules, checked once at load."""
     m, d, t = cfg.model, cfg.data, cfg.train
@@ -163,12 +162,10 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
                        ("train.min_lr", t.min_lr), ("train.patience", t.patience)]:
         if value < 0:
             problems.append(f"{key} must not be negative, got {value}")
-    shape_chosen_later = any(cfg.is_auto(k) for k in ("model.n_head", "model.n_embd"))
-    if shape_chosen_later:
-        pass  # the sizing rule picks a head count that divides the width
-    elif m.n_head > 0 and m.n_embd % m.n_head != 0:
+    heads_fixed = not any(cfg.is_auto(k) for k in ("model.n_head", "model.n_embd"))  # auto picks heads that divide
+    if heads_fixed and m.n_head > 0 and m.n_embd % m.n_head != 0:
         problems.append(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-    elif m.position == "rope" and m.n_head > 0 and (m.n_embd // m.n_head) % 2:
+    elif heads_fixed and m.position == "rope" and m.n_head > 0 and (m.n_embd // m.n_head) % 2:
         problems.append(f"model.position rope turns pairs of channels, so the head size model.n_embd / model.n_head "
                         f"({m.n_embd // m.n_head}) must be even")
     if not 0.0 <= m.dropout < 1.0:

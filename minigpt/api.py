@@ -239,8 +239,9 @@ class Model:
         return viz.attention_figure(result.chars, result.maps, title=f"attention of {self.path}")
 
     def surprise(self, text: str | None = None, *, file: str | Path | None = None, stride: int | None = None,
-                 unknown: str = "error") -> Surprise:
-        """How many bits each character of a text (or a file) costs the model, -log2 p(char | context)."""
+                 unknown: str = "error", top: int = 0) -> Surprise:
+        """How many bits each character of a text (or a file) costs the model, -log2 p(char | context); with `top`,
+        also the `top` characters it expected at each position, most likely first (`.top[j]` goes with `.bits[j]`)."""
         from minigpt import inspection
 
         check_unknown(unknown)
@@ -248,7 +249,7 @@ class Model:
             raise PromptError("pass exactly one of {--text} or {--file}")
         if file is not None:
             text = inspection.read_text_file(self.loaded, Path(file))
-        return inspection.surprise(self.loaded, text, stride, unknown)
+        return inspection.surprise(self.loaded, text, stride, unknown, top)
 
     def evaluate(self, text: str | None = None, *, file: str | Path | None = None, split: str | None = None,
                  stride: int | None = None, unknown: str = "error") -> Evaluation:

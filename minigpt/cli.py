@@ -236,6 +236,21 @@ def surprise(
     typer.echo(f"{result.mean_bits:.4f} bits/char over {len(result.bits)} characters")
 
 
+@app.command()
+@user_errors
+def view(
+    checkpoint: Path = CheckpointOpt,
+    port: int = typer.Option(8765, "--port", help="Port to listen on (0: any free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 lets anyone on your network in."),
+    device: str = InspectDeviceOpt,
+) -> None:
+    """Open a trained model in the browser: write with it, see each character's surprise and where every head looks."""
+    from minigpt import view as view_mod
+
+    model = api.load(checkpoint, device)
+    view_mod.serve(model, host, port, say=lambda message: typer.echo(message, err=True))
+
+
 @app.command("eval")
 @user_errors
 def eval_(

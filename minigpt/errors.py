@@ -51,6 +51,10 @@ class MiniGPTError(Exception):
         """The message with its options named as command-line flags."""
         return OPTION.sub(_as_flag, super().__str__())
 
+    def for_page(self) -> str:
+        """The message with its options named as the fields of `minigpt view`'s page (top-k, unknown: skip)."""
+        return OPTION.sub(lambda m: m.group(1) + (f": {m.group(2)}" if m.group(2) is not None else ""), super().__str__())
+
 
 class ConfigError(MiniGPTError):
     """A config file or override is missing, malformed, or inconsistent (the same exit code as a

@@ -10,7 +10,7 @@ Bits per character is the mean cross-entropy in nats divided by ln 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from minigpt import checkpoint, data
 from minigpt.checkpoint import LoadedModel
 from minigpt.errors import DataError, PromptError
 from minigpt.model import GPT
-from minigpt.scoring import LN2, mean_nll, token_nll
+from minigpt.scoring import LN2, mean_nll, token_nll, token_top
 from minigpt.tokenizer import UnknownPolicy
 
 
@@ -30,6 +30,7 @@ class Surprise:
 
     chars: list[str]
     bits: list[float]
+    top: list[list[tuple[str, float]]] = field(default_factory=list)  # if asked: top[j], what was expected for chars[j + 1]
 
     @property
     def mean_bits(self) -> float:
@@ -46,11 +47,17 @@ def encode_text(loaded: LoadedModel, text: str, unknown: UnknownPolicy = "error"
     return torch.tensor(ids, dtype=torch.long)
 
 
-def surprise(loaded: LoadedModel, text: str, stride: int | None = None, unknown: UnknownPolicy = "error") -> Surprise:
-    """How many bits each character of `text` (after the first) costs the model."""
+def surprise(loaded: LoadedModel, text: str, stride: int | None = None, unknown: UnknownPolicy = "error",
+             top: int = 0) -> Surprise:
+    """How many bits each character of `text` (after the first) costs the model, and the `top` characters it expected."""
     ids = encode_text(loaded, text, unknown)
     bits = (token_nll(loaded.model, ids, stride) / LN2).tolist()
-    return Surprise(chars=list(loaded.tokenizer.decode(ids.tolist())), bits=bits)
+    expected = []
+    if top > 0:
+        chars = loaded.tokenizer.chars
+        top_ids, top_p = token_top(loaded.model, ids, top, stride)
+        expected = [[(chars[i], p) for i, p in zip(row_ids, row_p)] for row_ids, row_p in zip(top_ids.tolist(), top_p.tolist())]
+    return Surprise(chars=list(loaded.tokenizer.decode(ids.tolist())), bits=bits, top=expected)
 
 
 @dataclass

@@ -48,10 +48,11 @@ def windows(n_tokens: int, block_size: int, stride: int) -> Iterator[tuple[int, 
         start = min(start + stride, last)
 
 
-def scored_batches(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None,
-                   batch_size: int = 64) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
-    """Each batch of windows with its losses in nats, (B, T); `ids` may be a memory-mapped array of any integer
-    type: only each batch of windows is read and widened to int64, so memory does not grow with the text."""
+def window_logits(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None,
+                  batch_size: int = 64) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]]:
+    """Each batch of windows with the model's logits (B, T, V) and the targets (B, T); `ids` may be a memory-mapped
+    array of any integer type: only each batch of windows is read and widened to int64, so memory does not grow
+    with the text."""
     block_size = model.config.block_size
     stride = stride or max(1, block_size // 2)
     if not 1 <= stride <= block_size:
@@ -69,9 +70,16 @@ def scored_batches(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | Non
             x, y = window[:, :-1].to(device), window[:, 1:].to(device)  # (B, T) each
             with torch.no_grad():
                 logits, _ = model(x)
-            yield chunk, F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").cpu()  # (B, T)
+            yield chunk, logits.float(), y
     finally:
         model.train(was_training)
+
+
+def scored_batches(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None,
+                   batch_size: int = 64) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+    """Each batch of windows with its losses in nats, (B, T)."""
+    for chunk, logits, y in window_logits(model, ids, stride, batch_size):
+        yield chunk, F.cross_entropy(logits.transpose(1, 2), y, reduction="none").cpu()  # (B, T)
 
 
 def token_nll(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None, batch_size: int = 64) -> torch.Tensor:
@@ -82,6 +90,20 @@ def token_nll(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = N
         for row, (start, first) in enumerate(chunk):
             nll[start + first:start + T] = losses[row, first:]  # targets start+1+first .. start+T
     return nll
+
+
+def token_top(model: GPT, ids: np.ndarray | torch.Tensor, k: int, stride: int | None = None,
+              batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely characters for every position after the first, with their probabilities: (N-1, k) ids and
+    (N-1, k) probabilities, read from the same windows as `token_nll` (row j: what the model expected before j+1)."""
+    n, k = max(len(ids) - 1, 0), min(k, model.lm_head.out_features)
+    top_ids, top_p = torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=torch.float32)
+    for chunk, logits, _ in window_logits(model, ids, stride, batch_size):
+        p, i = torch.topk(F.softmax(logits, dim=-1), k, dim=-1)  # (B, T, k) each
+        T = logits.size(1)
+        for row, (start, first) in enumerate(chunk):
+            top_ids[start + first:start + T], top_p[start + first:start + T] = i[row, first:].cpu(), p[row, first:].cpu()
+    return top_ids, top_p
 
 
 def mean_nll(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None,

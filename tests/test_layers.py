@@ -19,7 +19,7 @@ LAYERS = [  # bottom first
     {"run"},
     {"evaluation", "training", "generation", "inspection", "explain", "bench", "benchprep", "benchshared", "autosize"},
     {"api", "launch"},
-    {"cli", "exits", "terminal", "__main__"},
+    {"cli", "exits", "terminal", "view", "__main__"},
 ]
 
 

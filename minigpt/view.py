@@ -32,7 +32,6 @@ from contextlib import closing
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from minigpt.errors import ConfigError, MiniGPTError, PromptError, first_line

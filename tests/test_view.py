@@ -236,6 +236,14 @@ def test_the_command_binds_loopback_and_warns_when_open_to_the_network(verse_mod
         stop(process)
 
 
+def test_a_port_in_use_is_one_line_naming_the_way_out(verse_model, verse_url):
+    port = verse_url.rstrip("/").rsplit(":", 1)[1]
+    result = subprocess.run([sys.executable, "-m", "minigpt", "view", "--checkpoint", str(verse_model.path), "--port", port],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port 0 for any free one" in result.stderr
+
+
 def test_the_command_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "minigpt", "view", "--checkpoint", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=120)

@@ -33,6 +33,10 @@ function settings() {
 
 function shown(ch) { return ch === "\n" ? "↵\n" : ch === "\t" ? "→\t" : ch; }
 
+function isolated(ch) {  // a character in quotes, kept from reordering its line (Arabic, Hebrew)
+  return `\u2068${JSON.stringify(ch)}\u2069`;
+}
+
 function shade(bits) {  // 0 bits: white, 8 bits or more: strong red
   const alpha = bits == null ? 0 : Math.min(bits / 8, 1) * 0.75;
   return `rgba(211, 47, 47, ${alpha.toFixed(3)})`;
@@ -118,8 +122,8 @@ function tipFor(i) {
   const r = state.reading;
   if (!r) return null;
   if (i === 0) return "the first character: no context, not scored";
-  const expected = r.top[i].map(([ch, p]) => `${JSON.stringify(ch).padEnd(6)} ${(100 * p).toFixed(1).padStart(5)}%`).join("\n");
-  return `${JSON.stringify(r.chars[i])}: ${r.bits[i].toFixed(2)} bits\nthe model expected:\n${expected}`;
+  const expected = r.top[i].map(([ch, p]) => `${isolated(ch)}   ${(100 * p).toFixed(1).padStart(5)}%`).join("\n");
+  return `${isolated(r.chars[i])}: ${r.bits[i].toFixed(2)} bits\nthe model expected:\n${expected}`;
 }
 
 function onHover(event) {
@@ -276,7 +280,11 @@ async function loadInfo() {
     row(table, "vocabulary", `${info.vocab_size} characters: ${JSON.stringify(info.vocabulary)}`);
     row(table, "device", info.device);
     if (info.init_from) row(table, "fine-tuned from", info.init_from);
-    row(table, "config", JSON.stringify(info.config, null, 1));
+    const config = document.createElement("pre");  // the resolved config, section by section, as config.yaml has it
+    config.textContent = Object.entries(info.config).map(([section, values]) => typeof values !== "object" || values === null
+      ? `${section}: ${JSON.stringify(values)}`
+      : `${section}:\n` + Object.entries(values).map(([k, v]) => `  ${k}: ${JSON.stringify(v)}`).join("\n")).join("\n");
+    row(table, "config", "").appendChild(config);
     api("/api/exact").then((x) => { exact.textContent = `${x.loss.toFixed(4)} nats, ${x.bpc.toFixed(4)} bits/char over ${x.characters.toLocaleString("en")} characters`; })
       .catch((error) => { exact.textContent = error.message; });
   } catch (error) {

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 # (n_layer, n_embd) from small to large; heads are HEAD_SIZE channels wide (64 from 384 up, as GPT-2)
 LADDER = ((2, 96), (3, 128), (4, 160), (4, 192), (5, 224), (6, 256), (6, 320), (6, 384), (8, 512), (12, 768))
 HEAD_SIZE = 32
-TOKENS_PER_PARAM = 2.0  # characters trained on per parameter: the study's best shapes had 2 to 5 (docs/scaling.md)
+TOKENS_PER_PARAM = 3.0  # characters per parameter: the best shapes saw 3.5 to 7, larger ones at 2.6 or fewer lost (docs/scaling.md)
 TRAINED_FRACTION = 0.85  # of a budget's time left after start-up that the steps get (evaluations, margin)
 BLOCK_SIZE = 128  # context of every shape below 384 wide (the study's); 256 from 384 up (the GPU config's)
 CPU_BATCH, ACCELERATOR_BATCH = 16, 64  # sequences per step: the study's on CPU, the GPU config's on CUDA and MPS

@@ -123,6 +123,7 @@ STOPPED_WHILE = {  # a first Ctrl-C outside the training loop, by command: (what
     "info": ("reading the checkpoint", "nothing is lost (info writes no files)"),
     "plot": ("drawing the loss curves", "nothing is lost; the --out picture may be missing or incomplete"),
     "bench": ("benchmarking", "nothing is lost (bench measures in a temporary directory)"),
+    "view": ("serving the page", "nothing is lost (view writes no files)"),
 }
 
 

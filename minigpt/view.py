@@ -278,8 +278,6 @@ def serve(model: Any, host: str, port: int, say: Callable[[str], None] = lambda 
     say(f"minigpt view: {model.path} at {address(server)} (Ctrl-C to stop)")
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        say("stopped")
-    finally:
+    finally:  # Ctrl-C: the command says what it stopped
         server.server_close()
 

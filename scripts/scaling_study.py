@@ -79,7 +79,8 @@ def read_results(path: str, speeds: dict[str, float]) -> list[dict]:
     """The study's runs, each with its budget in minutes of this machine (steps at the measured ms/step, 2 threads,
     with the 15% of a budget that start-up, evaluations and the margin take)."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    rows = [r for r in rows if not r.get("init_from")]
+    rows = [r for r in rows if not r.get("init_from") and not r.get("set")]  # fine-tuning and early stopping:
+    rows = [r for r in rows if r["corpus"] != "licences.txt"]                # scaling.md's fine-tuning table
     for r in rows:
         r["minutes"] = r["steps"] * speeds[r["shape"]] / 1000 / 60 / TRAINED_FRACTION
         r["tokens_per_param"] = r["steps"] * 2048 / r["params"]
@@ -96,7 +97,7 @@ def table(args) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['corpus']} | {r['shape']} | {r['params'] / 1e6:.2f}M | {r['dropout']:g} | {r['steps']:,} | "
-              f"{r['minutes']:.1f} | {r['tokens_per_param']:.0f} | {r['val_loss']:.4f} |")
+              f"{r['minutes']:.1f} | {r['tokens_per_param']:.1f} | {r['val_loss']:.4f} |")
 
 
 def plot(args) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -234,6 +235,14 @@ def test_the_command_binds_loopback_and_warns_when_open_to_the_network(verse_mod
         assert any(line.startswith("warning: listening on 0.0.0.0: anyone who can reach this machine") for line in lines)
     finally:
         stop(process)
+
+
+def test_ctrl_c_stops_the_server_in_one_line(verse_model):
+    process, url, _ = start_view("--checkpoint", str(verse_model.path), "--port", "0")
+    assert call(url, "/api/info")[0] == 200
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert process.stderr.read().strip() == "stopped by SIGINT (Ctrl-C) while serving the page: nothing is lost (view writes no files)"
 
 
 def test_a_port_in_use_is_one_line_naming_the_way_out(verse_model, verse_url):

@@ -104,8 +104,10 @@ def fresh(cfg: Config) -> str:
     put(cfg, "model.n_embd", chosen.shape.n_embd)
     put(cfg, "model.n_head", chosen.shape.n_head)
     put(cfg, "model.block_size", blocks[chosen.shape])
+    if cfg.is_auto("model.dropout"):
+        chosen, dropout = with_dropout(cfg, chosen, blocks, prepared, budget_s, train_chars)
+        put(cfg, "model.dropout", dropout)
     epochs = chosen.tokens / max(1, train_chars)
-    put(cfg, "model.dropout", sizing.dropout_for(epochs))
     tokens_per_step = t.batch_size * t.gradient_accumulation_steps * m.block_size
     small = train_chars < sizing.SMALL_CORPUS  # passed over so often that validation stops improving: stop there
     put(cfg, "train.patience", sizing.PATIENCE if small else 0)
@@ -124,26 +126,43 @@ def plan_steps(cfg: Config, shapes: list[sizing.Shape], blocks: dict, vocab: int
 def measure(cfg: Config, shapes: list[sizing.Shape], blocks: dict, prepared: data.Prepared,
             budget_s: float) -> list[Measured]:
     """Time the shapes smallest first, up to the first one too large for the tokens the budget gives it."""
-    t = cfg.train
-    set_threads(t.threads)
-    device = resolve_device(t.device)
+    set_threads(cfg.train.threads)
     out: list[Measured] = []
     for shape in shapes:
-        trial = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=shape.n_head,
-                                           block_size=blocks[shape], dropout=0.0),
-            train=dataclasses.replace(t, compile=False), auto=[])
-        trainer = make_trainer(shape.describe(), trial, prepared, device)
-        warm_up(trainer, WARM_STEPS, device)
-        timed_round(trainer, max(3, int(MEASURE_S / max(trainer.warmup_s / WARM_STEPS, 1e-4))), device)
-        left = budget_s - (budget.wall_clock() - budget.process_start_time()) - budget.margin_s(budget_s)
-        steps = sizing.trained_steps(left, trainer.best_step_s)
-        tokens = steps * trainer.run.tokens_per_step
-        out.append(Measured(shape, trainer.run.model.num_params(), trainer.best_step_s, steps, tokens))
-        del trainer
-        if not sizing.enough_tokens(tokens, out[-1].params):
+        out.append(time_shape(cfg, shape, blocks[shape], 0.0, prepared, budget_s))
+        if not sizing.enough_tokens(out[-1].tokens, out[-1].params):
             break  # every larger shape is further from enough
     return out
+
+
+def time_shape(cfg: Config, shape: sizing.Shape, block_size: int, dropout: float, prepared: data.Prepared,
+               budget_s: float) -> Measured:
+    """One shape's seconds per step on this machine (eager), and the steps and characters the budget left gives it."""
+    t = cfg.train
+    trial = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=shape.n_head,
+                                       block_size=block_size, dropout=dropout),
+        train=dataclasses.replace(t, compile=False), auto=[])
+    device = resolve_device(t.device)
+    trainer = make_trainer(shape.describe(), trial, prepared, device)
+    warm_up(trainer, WARM_STEPS, device)
+    timed_round(trainer, max(3, int(MEASURE_S / max(trainer.warmup_s / WARM_STEPS, 1e-4))), device)
+    left = budget_s - (budget.wall_clock() - budget.process_start_time()) - budget.margin_s(budget_s)
+    steps = sizing.trained_steps(left, trainer.best_step_s)
+    return Measured(shape, trainer.run.model.num_params(), trainer.best_step_s, steps, steps * trainer.run.tokens_per_step)
+
+
+def with_dropout(cfg: Config, chosen: Measured, blocks: dict, prepared: data.Prepared, budget_s: float,
+                 train_chars: int) -> tuple[Measured, float]:
+    """The chosen shape and its dropout, with dropout's own cost counted: on a CPU it makes a step a third
+    slower, so the shape is timed again with it; if the fewer steps no longer pass over the data often
+    enough to want dropout, it trains without."""
+    dropout = sizing.dropout_for(chosen.tokens / max(1, train_chars))
+    if dropout == 0 or not budget_s:
+        return chosen, dropout
+    slower = time_shape(cfg, chosen.shape, blocks[chosen.shape], dropout, prepared, budget_s)
+    dropout = sizing.dropout_for(slower.tokens / max(1, train_chars))
+    return (slower, dropout) if dropout else (chosen, 0.0)
 
 
 def fresh_reason(cfg: Config, chosen: Measured, measured: list[Measured], budget_s: float, train_chars: int,

@@ -96,7 +96,24 @@ def test_more_tokens_choose_a_larger_model_and_more_passes_more_dropout(tmp_path
         chosen.append((cfg.model.n_layer * cfg.model.n_embd ** 2, cfg.model.dropout))
     assert chosen[0][0] < chosen[1][0] < chosen[2][0]
     assert [d for _, d in chosen] == sorted(d for _, d in chosen) and chosen[2][1] > 0
-    assert [sizing.dropout_for(e) for e in (1, 4, 5, 16, 17)] == [0.0, 0.0, 0.1, 0.1, 0.2]
+    assert [sizing.dropout_for(e) for e in (1, 8, 9, 16, 17)] == [0.0, 0.0, 0.1, 0.1, 0.2]
+
+
+@pytest.mark.parametrize("slowdown, expected", [(1.2, 0.1), (2.0, 0.0)])
+def test_dropout_is_timed_with_its_cost_and_dropped_when_it_leaves_too_few_passes(monkeypatch, slowdown, expected):
+    """12 planned passes want dropout 0.1; timed with it, the shape takes fewer steps: 10 passes keep it (at the
+    slower step time), 6 passes do not (the undropped measurement stands)."""
+    shape = sizing.Shape(4, 192, 6)
+    fast = autosize.Measured(shape, 1_800_000, 0.08, 6_000, 12_000_000)
+
+    def timed(cfg, s, block, dropout, prepared, budget_s):
+        steps = int(fast.steps / slowdown)
+        return autosize.Measured(s, fast.params, fast.step_s * slowdown, steps, steps * 2_000)
+
+    monkeypatch.setattr(autosize, "time_shape", timed)
+    chosen, dropout = autosize.with_dropout(None, fast, {shape: 128}, None, 300.0, train_chars=1_000_000)
+    assert dropout == expected
+    assert chosen.step_s == (fast.step_s * slowdown if expected else fast.step_s)
 
 
 def test_a_small_corpus_is_evaluated_every_pass_and_stops_when_val_stops_improving(tmp_path, corpus):

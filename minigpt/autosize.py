@@ -154,15 +154,13 @@ def time_shape(cfg: Config, shape: sizing.Shape, block_size: int, dropout: float
 
 def with_dropout(cfg: Config, chosen: Measured, blocks: dict, prepared: data.Prepared, budget_s: float,
                  train_chars: int) -> tuple[Measured, float]:
-    """The chosen shape and its dropout, with dropout's own cost counted: on a CPU it makes a step a third
-    slower, so the shape is timed again with it; if the fewer steps no longer pass over the data often
-    enough to want dropout, it trains without."""
+    """The chosen shape's dropout, from how often its steps pass over the data, and the shape timed again with it:
+    on a CPU dropout makes a step about a third slower, so the first line's steps and speed count it. The passes
+    measured without it decide (a run that trains more steps than measured still gets the dropout it needs)."""
     dropout = sizing.dropout_for(chosen.tokens / max(1, train_chars))
     if dropout == 0 or not budget_s:
         return chosen, dropout
-    slower = time_shape(cfg, chosen.shape, blocks[chosen.shape], dropout, prepared, budget_s)
-    dropout = sizing.dropout_for(slower.tokens / max(1, train_chars))
-    return (slower, dropout) if dropout else (chosen, 0.0)
+    return time_shape(cfg, chosen.shape, blocks[chosen.shape], dropout, prepared, budget_s), dropout
 
 
 def fresh_reason(cfg: Config, chosen: Measured, measured: list[Measured], budget_s: float, train_chars: int,

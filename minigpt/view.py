@@ -107,8 +107,8 @@ class Viewer:
         prompt = field(body, "prompt", str)
         check_length(prompt)
         length = field(body, "length", int, MAX_NEW_TOKENS)
-        if length > MAX_LENGTH:
-            raise PromptError(f"length {length} is more than this page generates at once ({MAX_LENGTH}); ask for less")
+        if not 0 <= length <= MAX_LENGTH:
+            raise PromptError(f"length must be 0 to {MAX_LENGTH:,} characters (what this page generates at once), got {length}")
         settings = dict(max_new_tokens=length, temperature=field(body, "temperature", float, TEMPERATURE),
                         top_k=field(body, "top_k", int, None), top_p=field(body, "top_p", float, None),
                         seed=field(body, "seed", int, SEED), unknown=unknown(body))

@@ -104,16 +104,21 @@ def fresh(cfg: Config) -> str:
     put(cfg, "model.n_embd", chosen.shape.n_embd)
     put(cfg, "model.n_head", chosen.shape.n_head)
     put(cfg, "model.block_size", blocks[chosen.shape])
+    slower = chosen  # the same shape timed with dropout, when it gets some
     if cfg.is_auto("model.dropout"):
-        chosen, dropout = with_dropout(cfg, chosen, blocks, prepared, budget_s, train_chars)
+        slower, dropout = with_dropout(cfg, chosen, blocks, prepared, budget_s, train_chars)
         put(cfg, "model.dropout", dropout)
     epochs = chosen.tokens / max(1, train_chars)
     tokens_per_step = t.batch_size * t.gradient_accumulation_steps * m.block_size
     small = train_chars < sizing.SMALL_CORPUS  # passed over so often that validation stops improving: stop there
     put(cfg, "train.patience", sizing.PATIENCE if small else 0)
     put(cfg, "train.eval_interval", sizing.pass_eval_interval(train_chars, tokens_per_step) if small
-        else max(50, int(round(chosen.steps / 10, -1))))  # else about ten evaluations
-    return fresh_reason(cfg, chosen, measured, budget_s, train_chars, epochs)
+        else max(50, int(round(slower.steps / 10, -1))))  # else about ten evaluations
+    reason = fresh_reason(cfg, chosen, measured, budget_s, train_chars, epochs)
+    if slower is not chosen:
+        reason += (f"; with dropout's cost, {sizing.rate_text(tokens_per_step / slower.step_s)} "
+                   f"and about {slower.steps:,} steps")
+    return reason
 
 
 def plan_steps(cfg: Config, shapes: list[sizing.Shape], blocks: dict, vocab: int) -> list[Measured]:

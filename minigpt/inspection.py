@@ -51,13 +51,14 @@ def surprise(loaded: LoadedModel, text: str, stride: int | None = None, unknown:
              top: int = 0) -> Surprise:
     """How many bits each character of `text` (after the first) costs the model, and the `top` characters it expected."""
     ids = encode_text(loaded, text, unknown)
-    bits = (token_nll(loaded.model, ids, stride) / LN2).tolist()
     expected = []
-    if top > 0:
+    if top > 0:  # one pass for both
+        nll, top_ids, top_p = token_top(loaded.model, ids, top, stride)
         chars = loaded.tokenizer.chars
-        top_ids, top_p = token_top(loaded.model, ids, top, stride)
         expected = [[(chars[i], p) for i, p in zip(row_ids, row_p)] for row_ids, row_p in zip(top_ids.tolist(), top_p.tolist())]
-    return Surprise(chars=list(loaded.tokenizer.decode(ids.tolist())), bits=bits, top=expected)
+    else:
+        nll = token_nll(loaded.model, ids, stride)
+    return Surprise(chars=list(loaded.tokenizer.decode(ids.tolist())), bits=(nll / LN2).tolist(), top=expected)
 
 
 @dataclass

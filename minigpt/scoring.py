@@ -93,17 +93,21 @@ def token_nll(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = N
 
 
 def token_top(model: GPT, ids: np.ndarray | torch.Tensor, k: int, stride: int | None = None,
-              batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely characters for every position after the first, with their probabilities: (N-1, k) ids and
-    (N-1, k) probabilities, read from the same windows as `token_nll` (row j: what the model expected before j+1)."""
+              batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_nll` and, from the same forward passes, the k most likely characters for every position after the
+    first with their probabilities: (N-1,) nats, (N-1, k) ids, (N-1, k) probabilities (row j: what the model
+    expected before character j+1)."""
     n, k = max(len(ids) - 1, 0), min(k, model.lm_head.out_features)
+    nll = torch.empty(n, dtype=torch.float32)
     top_ids, top_p = torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=torch.float32)
-    for chunk, logits, _ in window_logits(model, ids, stride, batch_size):
+    for chunk, logits, y in window_logits(model, ids, stride, batch_size):
+        losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").cpu()  # (B, T), as scored_batches
         p, i = torch.topk(F.softmax(logits, dim=-1), k, dim=-1)  # (B, T, k) each
         T = logits.size(1)
         for row, (start, first) in enumerate(chunk):
-            top_ids[start + first:start + T], top_p[start + first:start + T] = i[row, first:].cpu(), p[row, first:].cpu()
-    return top_ids, top_p
+            scored = slice(start + first, start + T)
+            nll[scored], top_ids[scored], top_p[scored] = losses[row, first:], i[row, first:].cpu(), p[row, first:].cpu()
+    return nll, top_ids, top_p
 
 
 def mean_nll(model: GPT, ids: np.ndarray | torch.Tensor, stride: int | None = None,

@@ -191,8 +191,9 @@ def measure(take_step: Callable[[], "torch.Tensor"], evaluate: Callable[[], None
     """Time steady-state steps and one evaluation.
 
     `take_step()` takes one training step and returns its loss (on the device); `evaluate()`
-    makes one evaluation as the run makes them (the first also imports what evaluation uses, so
-    it is dearer than the ones the loop times later). `share` gives every process rank 0's count
+    makes one evaluation as the run makes them (the first also imports what evaluation uses and
+    lays out the attention figure that later ones only repaint, so it is dearer than the ones the
+    loop times later). `share` gives every process rank 0's count
     of timed steps (each step all-reduces gradients, so all must take the same number). The
     caller rewinds the run afterwards: measuring changes nothing it keeps."""
     for _ in range(FIRST_STEPS):

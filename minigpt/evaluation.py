@@ -108,7 +108,8 @@ def log_inspection(tracker: Tracker, run: Run) -> None:
     cfg, model, tokens, step = run.cfg, run.model, run.tokens, run.step
     block_size = cfg.model.block_size
     probe = [int(i) for i in tokens["val"][:min(block_size, PROBE_CHARS)]]  # the start of the validation text
-    tracker.attention(step, "attention/probe", list(run.tokenizer.decode(probe)), attention_of(model, probe))
+    tracker.attention(step, "attention/probe", list(run.tokenizer.decode(probe)), attention_of(model, probe),
+                      run.attention_frames)
     if cfg.train.histograms:
         generator = torch.Generator().manual_seed(cfg.train.seed + 3)  # the same training batch every time
         offsets = data.sample_offsets(len(tokens["train"]), block_size, cfg.train.batch_size, generator)

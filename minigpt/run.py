@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from minigpt import budget, checkpoint, config as config_mod, data, device as device_mod
+from minigpt import budget, checkpoint, config as config_mod, data, device as device_mod, viz
 from minigpt.config import Config
 from minigpt.console import log
 from minigpt.distributed import World, per_rank_batch
@@ -73,6 +73,7 @@ class Run:
     threads: device_mod.ThreadPolicy = field(default_factory=device_mod.ThreadPolicy)  # CPU threads, following the load
     deadline: budget.Deadline | None = None  # a budgeted fresh run's deadline and what its steps cost lately
     history: list[dict] = field(default_factory=list)  # one entry per evaluation of this process's life
+    attention_frames: viz.AttentionFrames = field(default_factory=viz.AttentionFrames)  # the evaluations' attention image
     started: float = field(default_factory=time.perf_counter)  # when this process's training began (history's time_s)
     init_from: dict | None = None  # where a fine-tuned run's first weights came from (kept in its checkpoints)
     prefetched: tuple[torch.Tensor, torch.Tensor] | None = None  # the next training batch, read ahead (prefetch)

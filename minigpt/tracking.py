@@ -77,8 +77,11 @@ class Tracker:
             for tag, tensor in tensors.items():
                 self.writer.add_histogram(tag, tensor.detach().float().cpu(), step)
 
-    def attention(self, step: int, tag: str, chars: list[str], maps: dict[tuple[int, int], np.ndarray]) -> None:
-        """Log attention maps ((layer, head) -> (T, T)) of a probe text as one image; skipped without matplotlib."""
+    def attention(self, step: int, tag: str, chars: list[str], maps: dict[tuple[int, int], np.ndarray],
+                  frames: viz.AttentionFrames | None = None) -> None:
+        """Log attention maps ((layer, head) -> (T, T)) of a probe text as one image; skipped without matplotlib.
+
+        `frames` keeps the figure between evaluations of the same probe, so that each later image is quick."""
         if not self.writer:
             return
         if not viz.has_matplotlib():
@@ -86,8 +89,7 @@ class Tracker:
                 log("attention images skipped: pip install 'minigpt[plot]' (matplotlib) to log them")
                 self._said_no_matplotlib = True
             return
-        figure = viz.attention_figure(chars, maps, title=f"attention at step {step}", label_all=False)
-        self.image(step, tag, viz.figure_to_array(figure))
+        self.image(step, tag, (frames or viz.AttentionFrames()).image(chars, maps, f"attention at step {step}"))
 
     def hparams(self, step: int, hparams: dict, metrics: dict[str, float]) -> None:
         """Log the run's hyperparameters with its final metrics into this run's directory (HParams tab)."""

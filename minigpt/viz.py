@@ -130,6 +130,46 @@ def attention_figure(chars: list[str], maps: dict[tuple[int, int], np.ndarray], 
     return fig
 
 
+class AttentionFrames:
+    """The attention image of one probe text at evaluation after evaluation, each drawn in a fraction of the time.
+
+    Only the weights and the step change from one evaluation to the next: the grid, the characters on its
+    edges and the colour bar stay. Laying those out is most of the two seconds a figure of 20 heads takes,
+    so the figure is drawn whole once, and each later frame repaints only the heatmaps (with the panels'
+    frames over them) and the title, with the same pixels a whole new figure would have.
+    """
+
+    def __init__(self):
+        self.key: tuple | None = None  # the characters and panels the drawn figure has
+        self.figure: Any = None
+
+    def image(self, chars: list[str], maps: dict[tuple[int, int], np.ndarray], title: str) -> np.ndarray:
+        """The figure of `maps` as an RGB array (H, W, 3) of uint8, as figure_to_array(attention_figure(...))."""
+        key = (tuple(chars), tuple(sorted(maps)))
+        if key != self.key:
+            self.figure, self.key = attention_figure(chars, maps, title=title, label_all=False), key
+            return figure_to_array(self.figure)
+        fig = self.figure
+        renderer = fig.canvas.get_renderer()
+        pixels = np.asarray(fig.canvas.buffer_rgba())
+        heading = fig.texts[0]  # the title (fig.suptitle), the figure's only text of its own
+        box = heading.get_window_extent(renderer)
+        rows = slice(max(0, pixels.shape[0] - math.ceil(box.y1) - 1), pixels.shape[0] - math.floor(box.y0) + 1)
+        pixels[rows, :, :] = (np.array(fig.get_facecolor()) * 255).round().astype(np.uint8)  # the old title gone
+        heading.set_text(title)
+        with _no_glyph_warnings():
+            fig.draw_artist(heading)
+            for ax in fig.axes:
+                if ax.images and ax.get_title().startswith("layer "):
+                    layer, head = (int(n) for n in ax.get_title().removeprefix("layer ").split(", head "))
+                    ax.images[0].set_data(maps[(layer, head)])
+                    ax.draw_artist(ax.patch)  # the panel's background first: the image's edge pixels blend with it
+                    ax.draw_artist(ax.images[0])
+                    for spine in ax.spines.values():
+                        ax.draw_artist(spine)
+        return pixels[:, :, :3].copy()
+
+
 def surprise_figure(chars: list[str], bits: list[float], title: str = "") -> Any:
     """The text as a grid of cells coloured by the bits each character cost (the first is context)."""
     Figure, FigureCanvasAgg = _matplotlib()

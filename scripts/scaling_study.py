@@ -42,12 +42,13 @@ def speed(args) -> None:
     device = resolve_device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
-            cfg = config_mod.load(shape_config(shape, 100, 0.0, args.data, tmp, args.threads))
+            cfg = config_mod.load(shape_config(shape, 100, 0.0, args.data, tmp, args.threads, args.batch_size))
             prepared = data.prepare(cfg.data, cfg.model.block_size)
             trainer = make_trainer(shape, cfg, prepared, device)
             compare_training([trainer], device, warmup_steps=5, rounds=3, round_seconds=2.0)
             print(json.dumps({"shape": shape, "params": trainer.run.model.num_params(), "threads": args.threads,
-                              "ms_per_step": round(trainer.best_step_s * 1000, 2)}), flush=True)
+                              "batch_size": args.batch_size, "ms_per_step": round(trainer.best_step_s * 1000, 2),
+                              "tokens_per_s": round(args.batch_size * 128 / trainer.best_step_s)}), flush=True)
 
 
 def run(args) -> None:
@@ -142,6 +143,7 @@ def main() -> None:
     p = sub.add_parser("speed")
     p.add_argument("shapes", nargs="+")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data", required=True)
     p.set_defaults(func=speed)
     p = sub.add_parser("run")

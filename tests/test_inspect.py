@@ -257,6 +257,35 @@ def test_tensorboard_attention_image_shows_each_heads_own_weights(tmp_path):
     assert all(np.abs(a - b).max() > 0.5 for i, a in enumerate(panels) for b in panels[i + 1:])  # four pictures
 
 
+@pictures
+def test_attention_frames_repaint_the_weights_and_the_step_of_each_evaluation():
+    """Later frames of one probe are repainted, not laid out again: each shows its own weights and its own step."""
+    T = 10
+    chars = list("To be, or ")
+    rng = np.random.default_rng(0)
+
+    def weights() -> dict[tuple[int, int], np.ndarray]:
+        maps = {(l, h): np.tril(rng.random((T, T))) for l in range(2) for h in range(3)}
+        return {key: m / m.sum(axis=1, keepdims=True) for key, m in maps.items()}
+
+    frames = viz.AttentionFrames()
+    first, second, third = weights(), weights(), weights()
+    pictures_ = [frames.image(chars, first, "attention at step 5"), frames.image(chars, second, "attention at step 10"),
+                 frames.image(chars, third, "attention at step 10")]  # RGB, 0 to 255
+    figure = frames.figure
+    for maps, picture in zip((first, second, third), pictures_):
+        laid_out = viz.attention_figure(chars, first, title="attention at step 5", label_all=False)  # where cells lie
+        colours = cell_colours(laid_out, picture / 255.0)
+        for (l, h), w in maps.items():
+            np.testing.assert_allclose(colours[f"layer {l}, head {h}"], viridis(w), atol=COLOUR_TOLERANCE)
+    heading = figure.texts[0].get_window_extent(figure.canvas.get_renderer())  # the figure's title
+    title_rows = slice(0, picture.shape[0] - int(heading.y0))  # display y runs upwards
+    assert (pictures_[0][title_rows] != pictures_[1][title_rows]).any()  # the step in the title changed
+    assert (pictures_[1][title_rows] == pictures_[2][title_rows]).all()  # and only the step: same step, same title
+    other = frames.image(list("To be, or!"), third, "attention at step 10")  # another probe: a new figure
+    assert frames.figure is not figure and other.shape == pictures_[2].shape
+
+
 def test_tensorboard_holds_text_hparams_and_histograms(run):
     acc = events(run)
     tags = acc.Tags()

@@ -85,7 +85,8 @@ def put(cfg: Config, key: str, value) -> None:
 
 
 def fresh(cfg: Config) -> str:
-    """Choose shape, block, batch, learning rate, dropout and evaluation interval for a new run; the reason."""
+    """Choose shape, block, batch, learning rate, weight decay, dropout and evaluation interval for a new run; the
+    reason."""
     m, t = cfg.model, cfg.train
     device = resolve_device(t.device)
     put(cfg, "train.batch_size", sizing.batch_size_for(device.type))
@@ -109,6 +110,7 @@ def fresh(cfg: Config) -> str:
         slower, dropout = with_dropout(cfg, chosen, blocks, prepared, budget_s, train_chars)
         put(cfg, "model.dropout", dropout)
     epochs = chosen.tokens / max(1, train_chars)
+    put(cfg, "train.weight_decay", sizing.weight_decay_for(epochs))
     tokens_per_step = t.batch_size * t.gradient_accumulation_steps * m.block_size
     small = train_chars < sizing.SMALL_CORPUS  # passed over so often that validation stops improving: stop there
     put(cfg, "train.patience", sizing.PATIENCE if small else 0)
@@ -184,19 +186,21 @@ def fresh_reason(cfg: Config, chosen: Measured, measured: list[Measured], budget
                if larger else "; the largest candidate")
     stops = f", stopping after {t.patience} evaluations without a better val loss" if t.patience else ""
     return (f"{chosen.shape.describe()}, {chosen.params / 1e6:.2f}M parameters, block {m.block_size}, batch "
-            f"{t.batch_size}, lr {t.learning_rate:g}, dropout {m.dropout:g} {given}: about {chosen.steps:,} steps, "
+            f"{t.batch_size}, lr {t.learning_rate:g}, weight decay {t.weight_decay:g}, dropout {m.dropout:g} {given}: about {chosen.steps:,} steps, "
             f"{chosen.tokens / chosen.params:.1f} characters per parameter (the rule wants {sizing.TOKENS_PER_PARAM:g})"
             f"{why}; {epochs:.1f} passes over the data{stops}")
 
 
 def fine_tune(cfg: Config, origin: dict) -> str:
-    """Fine-tuning: the origin's shape; learning rate, dropout, evaluation interval and patience from the new corpus."""
+    """Fine-tuning: the origin's shape and weight decay; learning rate, dropout, evaluation interval and patience from
+    the new corpus."""
     m, t = cfg.model, cfg.train
     theirs = origin["config"]["model"]
     for key in config_mod.AUTO_MODEL_KEYS[:4]:
         put(cfg, key, theirs[key.split(".")[1]])
     put(cfg, "train.batch_size", origin["config"]["train"]["batch_size"])
     put(cfg, "train.learning_rate", origin["config"]["train"]["learning_rate"] * sizing.FINE_TUNE_LR_FACTOR)
+    put(cfg, "train.weight_decay", origin["config"]["train"]["weight_decay"])  # not pulled harder to zero than before
     t.min_lr = min(t.min_lr, t.learning_rate)
     put(cfg, "train.patience", sizing.PATIENCE)
     prepared = data.prepare(cfg.data, m.block_size, base_vocab=origin["tokenizer"]["chars"])

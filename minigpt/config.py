@@ -111,7 +111,8 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 # The keys a config may leave to the sizing rule with the value `auto` (`model: auto` means the
 # model's five): the rule picks them from the time budget, the corpus and the machine (minigpt.sizing).
 AUTO_MODEL_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.dropout")
-AUTO_KEYS = (*AUTO_MODEL_KEYS, "train.batch_size", "train.learning_rate", "train.eval_interval", "train.patience")
+AUTO_KEYS = (*AUTO_MODEL_KEYS, "train.batch_size", "train.learning_rate", "train.weight_decay", "train.eval_interval",
+             "train.patience")
 
 
 def expand_auto(raw: dict) -> dict:

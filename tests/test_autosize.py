@@ -88,14 +88,17 @@ def test_candidates_keep_explicit_keys_and_grow():
     assert all(s.n_head == 4 and s.n_embd % 4 == 0 for s in four) and len(four) >= 3
 
 
-def test_more_tokens_choose_a_larger_model_and_more_passes_more_dropout(tmp_path, corpus):
+def test_more_tokens_choose_a_larger_model_and_more_passes_more_dropout_and_weight_decay(tmp_path, corpus):
     chosen = []
     for steps in (20, 20_000, 2_000_000):
-        cfg = auto_config(tmp_path, corpus, f"train.max_iters={steps}")
+        cfg = auto_config(tmp_path, corpus, f"train.max_iters={steps}", "train.weight_decay=auto")
         autosize.resolve(cfg, say=lambda line: None)
-        chosen.append((cfg.model.n_layer * cfg.model.n_embd ** 2, cfg.model.dropout))
+        chosen.append((cfg.model.n_layer * cfg.model.n_embd ** 2, cfg.model.dropout, cfg.train.weight_decay))
+        assert f"weight decay {cfg.train.weight_decay:g}," in cfg.sized["reason"]
     assert chosen[0][0] < chosen[1][0] < chosen[2][0]
-    assert [d for _, d in chosen] == sorted(d for _, d in chosen) and chosen[2][1] > 0
+    assert [d for _, d, _ in chosen] == sorted(d for _, d, _ in chosen) and chosen[2][1] > 0
+    assert chosen[0][2] == sizing.weight_decay_for(0) < chosen[2][2]
+    assert [sizing.weight_decay_for(e) for e in (1, 3.9, 4, 8, 20)] == [0.1, 0.1, 0.3, 0.3, 0.3]
     assert [sizing.dropout_for(e) for e in (1, 8, 9, 16, 17)] == [0.0, 0.0, 0.1, 0.1, 0.2]
 
 
@@ -171,16 +174,17 @@ def test_config_show_prints_what_train_would_choose_without_training(tmp_path, c
 # ----------------------------------------------------------------------------- fine-tuning and patience
 
 def test_fine_tuning_keeps_the_origin_shape_and_sizes_the_rest_from_the_new_corpus(tmp_path, corpus):
-    origin = train(auto_config(tmp_path, corpus, "train.max_iters=30", "train.eval_interval=30",
+    origin = train(auto_config(tmp_path, corpus, "train.max_iters=30", "train.eval_interval=30", "train.weight_decay=0.05",
                                "model.n_layer=1", "model.n_embd=32", "model.block_size=32"), progress=False)
     small = write_corpus(tmp_path / "small.txt", repeats=8, text=VERSE)
     cfg = auto_config(tmp_path, small, "train.max_iters=30", "train.learning_rate=auto", "train.patience=auto",
-                      "train.eval_interval=auto", f"train.out_dir={tmp_path / 'ft'}")
+                      "train.eval_interval=auto", "train.weight_decay=auto", f"train.out_dir={tmp_path / 'ft'}")
     origin_cfg = checkpoint.load(origin.run_dir)["config"]
     autosize.resolve(cfg, init_from=str(origin.run_dir), say=lambda line: None)
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (1, 32, 32)
     assert cfg.train.learning_rate == pytest.approx(origin_cfg["train"]["learning_rate"] * sizing.FINE_TUNE_LR_FACTOR)
     assert cfg.train.patience == sizing.PATIENCE and cfg.model.dropout == sizing.FINE_TUNE_DROPOUT
+    assert cfg.train.weight_decay == 0.05  # the origin's: the rule's stronger decay would pull its weights away
     train_chars = int(len(VERSE) * 8 * 0.9)
     assert abs(cfg.train.eval_interval - max(10, train_chars // (cfg.train.batch_size * 32))) <= 1
     assert "fine-tuning" in cfg.sized["reason"]

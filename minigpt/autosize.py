@@ -115,7 +115,7 @@ def fresh(cfg: Config) -> str:
     small = train_chars < sizing.SMALL_CORPUS  # passed over so often that validation stops improving: stop there
     put(cfg, "train.patience", sizing.PATIENCE if small else 0)
     put(cfg, "train.eval_interval", sizing.pass_eval_interval(train_chars, tokens_per_step) if small
-        else max(50, int(round(slower.steps / 10, -1))))  # else about ten evaluations
+        else sizing.eval_interval_for(slower.steps, t.eval_iters))
     reason = fresh_reason(cfg, chosen, measured, budget_s, train_chars, epochs)
     if slower is not chosen:
         reason += (f"; with dropout's cost, {sizing.rate_text(tokens_per_step / slower.step_s)} "
@@ -186,7 +186,8 @@ def fresh_reason(cfg: Config, chosen: Measured, measured: list[Measured], budget
                if larger else "; the largest candidate")
     stops = f", stopping after {t.patience} evaluations without a better val loss" if t.patience else ""
     return (f"{chosen.shape.describe()}, {chosen.params / 1e6:.2f}M parameters, block {m.block_size}, batch "
-            f"{t.batch_size}, lr {t.learning_rate:g}, weight decay {t.weight_decay:g}, dropout {m.dropout:g} {given}: about {chosen.steps:,} steps, "
+            f"{t.batch_size}, lr {t.learning_rate:g}, weight decay {t.weight_decay:g}, dropout {m.dropout:g} {given}: "
+            f"about {chosen.steps:,} steps, "
             f"{chosen.tokens / chosen.params:.1f} characters per parameter (the rule wants {sizing.TOKENS_PER_PARAM:g})"
             f"{why}; {epochs:.1f} passes over the data{stops}")
 

@@ -15,7 +15,9 @@ yet), and with it the step where the decay will start. Once the decay is due, it
 as a [start, end] pair in `train.decay_plan`; if the machine then slows down so much that the end
 would miss the deadline, a second pair starts where the run stands and ends sooner: the decay
 continues from the current learning rate, faster, and the final model is always a fully decayed
-one, never a run cut off in the middle. Every decision is recorded in the run's config.yaml and
+one, never a run cut off in the middle. If the machine gets faster, so that a tenth more steps
+than the plan's (and at least a log interval's) would fit, a pair ends later instead: the decay
+continues, slower, and the budget's time is not left unused. Every decision is recorded in the run's config.yaml and
 checkpoints, so `--resume` keeps them and `--set train.time_budget=0 --set train.max_iters=N
 --set train.decay_plan=...` reproduces the run exactly.
 """
@@ -40,6 +42,7 @@ START_ENV = "MINIGPT_START_TIME"  # set by `minigpt train --nproc N` for its tor
 FIRST_STEPS = 5  # untimed steps: compilation, allocation, caches
 TIMING_FRACTION = 0.01  # of the budget spent timing steady-state steps (between 3 and 50 steps)
 RECENT = 4  # log intervals whose step times make the current estimate
+EXTEND = 1.1  # a committed decay is lengthened once this many times its steps left would fit (a faster machine)
 clock = time.perf_counter  # replaceable in tests
 wall_clock = time.time  # epoch seconds, to count from the process's start; replaceable in tests
 
@@ -117,8 +120,9 @@ def replan(t: TrainConfig, step: int, left_s: float, step_s: float, eval_s: floa
     """The step count and decay plan for the rest of a budgeted run at `step`, with `left_s` seconds left.
 
     Before the decay: as many steps as fit, and the decay committed once it is due before the next
-    log interval. During the decay: the plan stands while it fits; when it no longer does, a new
-    pair ends the decay sooner, from where the run stands."""
+    log interval. During the decay: the plan stands while it fits and the time left is not much
+    more than it needs; otherwise a new pair, from where the run stands, ends the decay sooner (it
+    no longer fits) or later (EXTEND times the steps left, and a log interval more, would fit)."""
     fit = fitting_steps(step, left_s, step_s, eval_s, t.eval_interval)
     if not t.decay_plan:
         total = step + max(fit, 1)
@@ -127,10 +131,11 @@ def replan(t: TrainConfig, step: int, left_s: float, step_s: float, eval_s: floa
             return total, []
         return total, [[min(max(start, step), total - 1), total]]
     end = t.decay_plan[-1][1]
-    if step >= end or fit >= end - step:
+    planned = end - step
+    if step >= end or planned <= fit < max(EXTEND * planned, planned + t.log_interval):
         return t.max_iters, t.decay_plan
-    cut = step + max(fit, 1)
-    return cut, [*t.decay_plan, [step, cut]]
+    new_end = step + max(fit, 1)
+    return new_end, [*t.decay_plan, [step, new_end]]
 
 
 def apply(t: TrainConfig, steps: int) -> None:

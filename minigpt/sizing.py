@@ -5,7 +5,8 @@ takes so few steps that it is still far from trained. Between the two, the scali
 (docs/scaling.md: fixed step counts of shapes from 0.2M to 4.8M parameters on Tiny Shakespeare
 and on 12 MB of Python source) found the best shape for every budget where it had trained on
 about TOKENS_PER_PARAM characters per parameter, stronger weight decay paying off once the corpus
-was seen more than a few times, and dropout (which costs time) once it was seen many times. So, given the step time of each candidate shape measured on this machine:
+was seen more than a few times, and dropout (which costs time) once it was seen many times. So,
+given the step time of each candidate shape measured on this machine:
 
     steps(shape)  = the budget's training time / the shape's measured seconds per step
     tokens(shape) = steps * batch_size * block_size
@@ -13,10 +14,10 @@ was seen more than a few times, and dropout (which costs time) once it was seen 
     weight decay  = 0.1, or 0.3 from 4 passes over the training split on (free, unlike dropout)
     dropout       = from the epochs that many tokens make of the training split
 
-Fine-tuning keeps the model it starts from (and its weight decay) and picks what the new corpus's size asks for: a
-lower learning rate, dropout when the corpus is small, an evaluation about every pass over it
-and early stopping (train.patience) when validation stops improving. Everything here is pure
-arithmetic; minigpt.autosize measures the machine and applies the choice to a config.
+Fine-tuning keeps the model it starts from (and its weight decay) and picks what the new corpus's
+size asks for: a lower learning rate, dropout when the corpus is small, an evaluation about every
+pass over it and early stopping (train.patience) when validation stops improving. Everything here
+is pure arithmetic; minigpt.autosize measures the machine and applies the choice to a config.
 """
 
 from __future__ import annotations
@@ -115,6 +116,19 @@ def weight_decay_for(epochs: float) -> float:
 
     Unlike dropout it costs no time, so it is the first regulariser the rule reaches for."""
     return WEIGHT_DECAY if epochs < PLAIN_PASSES else REPEATED_WEIGHT_DECAY
+
+
+EVALUATIONS = (3, 10)  # a run's evaluations: at least enough for a curve, at most ten
+EVAL_SHARE = 0.03  # of the steps' time that the evaluations' loss estimates may take, before there are fewer
+
+
+def eval_interval_for(steps: int, eval_iters: int) -> int:
+    """Steps between evaluations of a run of `steps`: about ten, fewer (down to three) where they would cost
+    more than EVAL_SHARE of its steps' time. Each estimates the loss on 2 x eval_iters batches, forward only,
+    about a third of a step each (a 5-minute float32 run of 1,800 steps: ten cost 15% of its time, four 6%)."""
+    each = 2 * eval_iters / 3  # an evaluation's cost, in steps
+    n = min(EVALUATIONS[1], max(EVALUATIONS[0], round(EVAL_SHARE * steps / each)))
+    return max(50, int(round(steps / n, -1)))
 
 
 def pass_eval_interval(train_chars: int, tokens_per_step: int) -> int:

@@ -80,8 +80,10 @@ def read_results(path: str, speeds: dict[str, float]) -> list[dict]:
     """The study's runs, each with its budget in minutes of this machine (steps at the measured ms/step, 2 threads,
     with the 15% of a budget that start-up, evaluations and the margin take)."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    rows = [r for r in rows if not r.get("init_from") and not r.get("set")]  # fine-tuning and early stopping:
-    rows = [r for r in rows if r["corpus"] != "licences.txt"]                # scaling.md's fine-tuning table
+    # Only the study's recipe: fine-tuning, early stopping and the recipe's own runs (weight decay, learning rate,
+    # batch size) have tables of their own in scaling.md.
+    rows = [r for r in rows if not r.get("init_from") and not r.get("set") and r["corpus"] != "licences.txt"
+            and r.get("batch_size", 16) == 16 and r.get("learning_rate", 6e-3) == 6e-3]
     for r in rows:
         r["minutes"] = r["steps"] * speeds[r["shape"]] / 1000 / 60 / TRAINED_FRACTION
         r["tokens_per_param"] = r["steps"] * 2048 / r["params"]

@@ -121,6 +121,14 @@ def test_dropout_is_decided_by_the_passes_without_it_and_timed_with_its_cost(mon
     assert timed == [0.1]
 
 
+def test_evaluations_are_about_ten_unless_they_would_cost_more_than_their_share_of_the_steps():
+    assert sizing.eval_interval_for(20_000, eval_iters=20) == 2_000  # ten: 133 steps' worth of 20,000
+    assert sizing.eval_interval_for(1_800, eval_iters=20) == 450  # four: 10 would be 7% of the steps
+    assert sizing.eval_interval_for(1_800, eval_iters=2) == 180  # cheap estimates: ten again
+    assert sizing.eval_interval_for(600, eval_iters=20) == 200  # never fewer than three
+    assert sizing.eval_interval_for(300, eval_iters=2) == 50  # nor closer than 50 steps (seven would be 43 apart)
+
+
 def test_a_small_corpus_is_evaluated_every_pass_and_stops_when_val_stops_improving(tmp_path, corpus):
     cfg = auto_config(tmp_path, corpus, "train.max_iters=500", "train.patience=auto", "train.eval_interval=auto")
     autosize.resolve(cfg, say=lambda line: None)

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 import yaml
 
 from minigpt import autosize, checkpoint, config as config_mod, evaluation, sizing
@@ -193,6 +192,7 @@ def test_fine_tuning_keeps_the_origin_shape_and_sizes_the_rest_from_the_new_corp
     assert cfg.train.learning_rate == pytest.approx(origin_cfg["train"]["learning_rate"] * sizing.FINE_TUNE_LR_FACTOR)
     assert cfg.train.patience == sizing.PATIENCE and cfg.model.dropout == sizing.FINE_TUNE_DROPOUT
     assert cfg.train.weight_decay == 0.05  # the origin's: the rule's stronger decay would pull its weights away
+    assert f"lr {cfg.train.learning_rate:g}, weight decay 0.05, dropout 0.1," in cfg.sized["reason"]
     train_chars = int(len(VERSE) * 8 * 0.9)
     assert abs(cfg.train.eval_interval - max(10, train_chars // (cfg.train.batch_size * 32))) <= 1
     assert "fine-tuning" in cfg.sized["reason"]

@@ -93,8 +93,8 @@ def test_during_the_decay_the_plan_stands_while_it_fits_and_is_cut_short_when_it
 
 def test_during_the_decay_a_faster_machine_lengthens_it_to_use_the_time():
     t = wsd(max_iters=400, decay_plan=[[320, 400]], learning_rate=1.0, min_lr=0.0, warmup_iters=0)
-    # 8.5 s left: 52 steps fit (6.5 s and evaluations at 400 and 402), short of the 60 (the 50 planned and a
-    # log interval) that would lengthen it: the plan stands
+    # 8.5 s left: 52 steps fit (6.5 s and evaluations at 400 and 402), short of the 63 (a quarter more than the
+    # 50 planned) that would lengthen it: the plan stands
     assert replan(t, 350, 8.5, 0.125, 1.0) == (400, [[320, 400]])
     # 12.5 s left: 84 steps (10.5 s) and evaluations at 400 and 434: the decay goes on, slower, to 434
     total, t.decay_plan = replan(t, 350, 12.5, 0.125, 1.0)

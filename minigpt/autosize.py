@@ -210,8 +210,9 @@ def fine_tune(cfg: Config, origin: dict) -> str:
     put(cfg, "train.eval_interval", sizing.pass_eval_interval(train_chars, tokens_per_step))
     put(cfg, "model.dropout", sizing.fine_tune_dropout(train_chars))
     return (f"fine-tuning {origin['path']}'s {m.n_layer} layers x {m.n_embd} on {sizing.chars_text(train_chars)}: "
-            f"lr {t.learning_rate:g}, weight decay {t.weight_decay:g}, dropout {m.dropout:g}, an evaluation every {t.eval_interval} steps (about one "
-            f"pass over the data), stopping after {t.patience} without a better val loss")
+            f"lr {t.learning_rate:g}, weight decay {t.weight_decay:g}, dropout {m.dropout:g}, an evaluation every "
+            f"{t.eval_interval} steps (about one pass over the data), stopping after {t.patience} without a better val "
+            f"loss")
 
 
 def overrides(cfg: Config) -> list[str]:

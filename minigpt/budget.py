@@ -17,9 +17,9 @@ would miss the deadline, a second pair starts where the run stands and ends soon
 continues from the current learning rate, faster, and the final model is always a fully decayed
 one, never a run cut off in the middle. If the machine gets faster, so that a quarter more steps
 than the plan's (and at least a log interval's) would fit, a pair ends later instead: the decay
-continues, slower, and the budget's time is not left unused. Every decision is recorded in the run's config.yaml and
-checkpoints, so `--resume` keeps them and `--set train.time_budget=0 --set train.max_iters=N
---set train.decay_plan=...` reproduces the run exactly.
+continues, slower, and the budget's time is not left unused. Every decision is recorded in the
+run's config.yaml and checkpoints, so `--resume` keeps them and `--set train.time_budget=0
+--set train.max_iters=N --set train.decay_plan=...` reproduces the run exactly.
 """
 
 from __future__ import annotations

@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 import minigpt
-from minigpt import config as config_mod, data
+from minigpt import config as config_mod, data, sizing
 from minigpt.bench import compare_training, make_trainer
 from minigpt.device import resolve_device, set_threads
 
+BATCH, LEARNING_RATE = sizing.CPU_BATCH, sizing.LEARNING_RATE["muon"]  # the study's recipe, which auto uses on a CPU
+
 
 def shape_config(shape: str, steps: int, dropout: float, data_path: str, out_dir: str, threads: int,
-                 batch_size: int = 16, learning_rate: float = 6e-3) -> dict:
+                 batch_size: int = BATCH, learning_rate: float = LEARNING_RATE) -> dict:
     layers, width = map(int, re.fullmatch(r"L(\d+)W(\d+)", shape).groups())
     return {
         "model": {"n_layer": layers, "n_head": width // 32, "n_embd": width, "block_size": 128,
@@ -83,7 +85,7 @@ def read_results(path: str, speeds: dict[str, float]) -> list[dict]:
     # Only the study's recipe: fine-tuning, early stopping and the recipe's own runs (weight decay, learning rate,
     # batch size) have tables of their own in scaling.md.
     rows = [r for r in rows if not r.get("init_from") and not r.get("set") and r["corpus"] != "licences.txt"
-            and r.get("batch_size", 16) == 16 and r.get("learning_rate", 6e-3) == 6e-3]
+            and r.get("batch_size", BATCH) == BATCH and r.get("learning_rate", LEARNING_RATE) == LEARNING_RATE]
     for r in rows:
         r["minutes"] = r["steps"] * speeds[r["shape"]] / 1000 / 60 / TRAINED_FRACTION
         r["tokens_per_param"] = r["steps"] * 2048 / r["params"]
@@ -145,15 +147,15 @@ def main() -> None:
     p = sub.add_parser("speed")
     p.add_argument("shapes", nargs="+")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=BATCH)
     p.add_argument("--data", required=True)
     p.set_defaults(func=speed)
     p = sub.add_parser("run")
     p.add_argument("--shape", required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=6e-3)
+    p.add_argument("--batch-size", type=int, default=BATCH)
+    p.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
     p.add_argument("--data", required=True)
     p.add_argument("--results", required=True)
     p.add_argument("--scratch", default=None)
